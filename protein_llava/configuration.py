@@ -1,0 +1,249 @@
+"""Configuration of ProteinLLM: ESM-2 encoder → projector → causal-LM decoder.
+
+One `config.json` describes the whole model: `ProteinLLMConfig` nests an `encoder_config`
+(`ProteinEncoderConfig`, fair-esm's ESM-2 architecture), a `projector_config` (`ProjectorConfig`)
+and a `text_config` (any transformers causal-LM config, rebuilt by `model_type`).
+
+Named presets are plain functions (`tiny_config`, `smollm2_demo_config`,
+`esm2_650m_internlm2_7b_config`); `ProteinLLMConfig.from_preset(name)` picks one by its exact name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+TOKEN_REDUCTIONS = ("none", "mean_pool", "resampler")
+PRESET_NAMES = ("tiny", "smollm2-demo", "esm2-650m-internlm2-7b")
+
+# fair-esm's ESM-2 models were trained on crops of 1024 tokens: <cls> + 1022 residues + <eos>.
+ESM2_MAX_RESIDUES = 1022
+
+
+@strict
+class ProteinEncoderConfig(PreTrainedConfig):
+    """Architecture of the fair-esm ESM-2 protein encoder.
+
+    Fields:
+        num_layers: transformer layers (6 for ESM-2 8M, 33 for 650M).
+        embed_dim: hidden width (320 for 8M, 1280 for 650M).
+        attention_heads: attention heads per layer (20 for every released ESM-2).
+        repr_layer: which layer's per-residue representations feed the projector; negative
+            values count from the end (-1 is the last layer, after ESM-2's final layer norm).
+        token_dropout: ESM-2's token-dropout rescaling, on for every released checkpoint.
+        max_residues: the longest protein the encoder accepts (1022 for ESM-2).
+        weights: where the encoder's weights came from (a fair-esm name, a `.pt` file or a Hugging Face
+            folder); provenance only, the weights themselves live in the model's safetensors.
+    """
+
+    model_type = "protein_llava_encoder"
+    base_config_key = "encoder_config"
+
+    num_layers: int = 6
+    embed_dim: int = 320
+    attention_heads: int = 20
+    repr_layer: int = -1
+    token_dropout: bool = True
+    max_residues: int = ESM2_MAX_RESIDUES
+    weights: str | None = None
+
+    def validate_architecture(self):
+        """Reject shapes fair-esm's ESM2 cannot build, naming the field."""
+        for name in ("num_layers", "embed_dim", "attention_heads", "max_residues"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"encoder_config.{name} must be >= 1, got {getattr(self, name)}")
+        if self.embed_dim % self.attention_heads != 0:
+            raise ValueError(
+                f"encoder_config.embed_dim ({self.embed_dim}) must be divisible by "
+                f"encoder_config.attention_heads ({self.attention_heads})"
+            )
+        if not -self.num_layers - 1 <= self.repr_layer <= self.num_layers:
+            raise ValueError(
+                f"encoder_config.repr_layer must be in [{-self.num_layers - 1}, {self.num_layers}] "
+                f"for a {self.num_layers}-layer encoder, got {self.repr_layer}"
+            )
+
+    @property
+    def resolved_repr_layer(self) -> int:
+        """`repr_layer` as fair-esm's non-negative layer index (0 = embeddings, num_layers = last)."""
+        return self.repr_layer if self.repr_layer >= 0 else self.num_layers + 1 + self.repr_layer
+
+
+@strict
+class ProjectorConfig(PreTrainedConfig):
+    """How per-residue ESM features become LLM input embeddings.
+
+    Fields:
+        projector_type: "linear" or "mlp2x_gelu" (LLaVA-1.5's linear → GELU → linear).
+        token_reduction: "none" (one token per residue), "mean_pool" (strided mean over
+            `pool_stride` residues) or "resampler" (`num_latents` learned queries cross-attend to the residues).
+        pool_stride: residues per token for "mean_pool".
+        num_latents: tokens per protein for "resampler", whatever its length.
+        resampler_heads: attention heads of the resampler's cross-attention.
+    """
+
+    model_type = "protein_llava_projector"
+    base_config_key = "projector_config"
+
+    projector_type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+    token_reduction: Literal["none", "mean_pool", "resampler"] = "none"
+    pool_stride: int = 4
+    num_latents: int = 32
+    resampler_heads: int = 4
+
+    def validate_architecture(self):
+        """Reject nonsense at construction, naming the field."""
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"unknown projector type {self.projector_type!r}; choose one of {PROJECTOR_TYPES}")
+        if self.token_reduction not in TOKEN_REDUCTIONS:
+            raise ValueError(
+                f"unknown token_reduction {self.token_reduction!r}; choose one of {TOKEN_REDUCTIONS}"
+            )
+        for name in ("pool_stride", "num_latents", "resampler_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"projector_config.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def num_protein_tokens(length: int, projector_config: ProjectorConfig) -> int:
+    """How many `<protein>` placeholders a protein of `length` residues becomes.
+
+    The one place this is decided: the processor expands placeholders with it and the model's
+    projector produces exactly this many feature rows, so the two can never disagree.
+    """
+    if length < 1:
+        raise ValueError(f"a protein needs at least one residue, got length {length}")
+    reduction = projector_config.token_reduction
+    if reduction == "none":
+        return length
+    if reduction == "mean_pool":
+        return math.ceil(length / projector_config.pool_stride)
+    if reduction == "resampler":
+        return projector_config.num_latents
+    raise ValueError(f"unknown token_reduction {reduction!r}")
+
+
+@strict
+class ProteinLLMConfig(PreTrainedConfig):
+    """The whole ProteinLLM: `encoder_config`, `projector_config` and `text_config` (any causal LM).
+
+    Fields:
+        protein_token_id: id of the `<protein>` placeholder token in the processor's tokenizer. It
+            may lie outside the decoder's vocabulary: placeholder embeddings are never looked up.
+        protein_token: the placeholder's text.
+    """
+
+    model_type = "protein_llava"
+    sub_configs_defaults = {
+        "encoder_config": ProteinEncoderConfig,
+        "projector_config": ProjectorConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    projector_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    protein_token_id: int | None = None
+    protein_token: str = "<protein>"
+    # The composite ties nothing of its own (the decoder's config governs its embeddings); fair-esm's
+    # LM head shares its embedding matrix, which the model declares separately.
+    tie_word_embeddings: bool = True
+
+    def validate_architecture(self):
+        if self.protein_token_id is not None and self.protein_token_id < 0:
+            raise ValueError(f"protein_token_id must be >= 0, got {self.protein_token_id}")
+        if not self.protein_token:
+            raise ValueError("protein_token must be a non-empty string")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ProteinLLMConfig:
+        """The config of a named preset; see `PRESET_NAMES`."""
+        if name == "tiny":
+            config = tiny_config()
+        elif name == "smollm2-demo":
+            config = smollm2_demo_config()
+        elif name == "esm2-650m-internlm2-7b":
+            config = esm2_650m_internlm2_7b_config()
+        else:
+            raise ValueError(f"unknown preset {name!r}; choose one of {PRESET_NAMES}")
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise ValueError(f"unknown ProteinLLMConfig field {key!r}")
+            setattr(config, key, value)
+        return config
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        # Generation and cache utilities look here for vocab size, layers and heads: the decoder's, never the encoder's.
+        return self.text_config
+
+
+def tiny_config(vocab_size: int = 272) -> ProteinLLMConfig:
+    """Random 2-layer 32-wide ESM-2 and 2-layer 64-wide Llama: seconds on CPU, for tests."""
+    return ProteinLLMConfig(
+        encoder_config=ProteinEncoderConfig(num_layers=2, embed_dim=32, attention_heads=4),
+        projector_config=ProjectorConfig(projector_type="mlp2x_gelu", token_reduction="none"),
+        text_config=LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        ),
+    )
+
+
+def smollm2_demo_config() -> ProteinLLMConfig:
+    """SmolLM2-135M-Instruct's decoder shape with an ESM-2 8M-shaped encoder (esm2_t6_8M_UR50D)."""
+    return ProteinLLMConfig(
+        encoder_config=ProteinEncoderConfig(num_layers=6, embed_dim=320, attention_heads=20),
+        projector_config=ProjectorConfig(projector_type="mlp2x_gelu", token_reduction="none"),
+        text_config=LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        ),
+    )
+
+
+def esm2_650m_internlm2_7b_config() -> ProteinLLMConfig:
+    """The target: ESM-2 650M (esm2_t33_650M_UR50D) + InternLM2-7B converted to the Llama layout."""
+    return ProteinLLMConfig(
+        encoder_config=ProteinEncoderConfig(num_layers=33, embed_dim=1280, attention_heads=20),
+        projector_config=ProjectorConfig(projector_type="mlp2x_gelu", token_reduction="none"),
+        text_config=LlamaConfig(
+            vocab_size=92544,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        ),
+    )

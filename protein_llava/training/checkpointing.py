@@ -1,0 +1,116 @@
+"""Checkpoint files: atomic writes, the stage-1 projector file, and the resume / export helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from safetensors.torch import load_file, save_file
+
+from ..configuration import ProjectorConfig
+from ..modeling import ProteinLLM
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)` then fsync and rename: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temp file, flushed to disk and renamed into place."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options}")
+        for key, value in checkpoint.get("state_dict", {}).items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise FloatingPointError(f"refusing to save a checkpoint with non-finite weights in {key}")
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+def projector_metadata(model: ProteinLLM) -> dict[str, str]:
+    config = model.config
+    return {
+        "projector_config": json.dumps(config.projector_config.to_dict(), sort_keys=True),
+        "encoder_dim": str(config.encoder_config.embed_dim),
+        "text_dim": str(config.text_config.hidden_size),
+        "encoder_layers": str(config.encoder_config.num_layers),
+        "decoder": str(getattr(config.text_config, "_name_or_path", "") or config.text_config.model_type),
+    }
+
+
+def save_projector(model: ProteinLLM, path: Path) -> None:
+    """The projector's weights as their own small safetensors file, with the shapes it was trained for."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=projector_metadata(model)))
+
+
+def load_projector(model: ProteinLLM, path: Path) -> None:
+    """Load a stage-1 projector into `model`, refusing one trained for other encoder/decoder shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"stage 2 needs stage 1's projector at {path}: run `python train.py stage=1` with the same model "
+            f"first, or point stage2.projector=PATH at a projector.safetensors"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    wanted = projector_metadata(model)
+    for key in ("encoder_dim", "text_dim", "projector_config"):
+        if metadata.get(key) != wanted[key]:
+            found = metadata.get(key)
+            if key == "projector_config" and found is not None:
+                found_cfg, wanted_cfg = ProjectorConfig(**_strip(json.loads(found))), model.config.projector_config
+                if found_cfg.to_dict() == wanted_cfg.to_dict():
+                    continue
+            raise ValueError(
+                f"the projector at {path} was trained for {key}={found} but this model has {key}={wanted[key]}; "
+                "train stage 1 for this model, or pick the matching projector"
+            )
+    model.projector.load_state_dict(load_file(str(path)))
+
+
+def _strip(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The newest Lightning checkpoint under `folder` (by step recorded in the file name, then mtime)."""
+    candidates = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def resolve_resume(resume: str | None, lightning_dir: Path) -> str | None:
+    """`resume`: None (fresh run), "auto" (newest checkpoint in the run folder, if any) or a checkpoint path."""
+    if resume in (None, "", "none", "null"):
+        return None
+    if resume == "auto":
+        newest = newest_checkpoint(lightning_dir)
+        return str(newest) if newest is not None else None
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
+    return str(resume)

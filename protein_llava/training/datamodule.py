@@ -1,0 +1,173 @@
+"""LightningDataModule: records → tokenized examples → resumable, rank-sharded batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data.collate import PaddedCollator
+from ..data.records import DataQualityError, RecordError, RecordReport, read_conversations
+from ..data.tokenize import ConversationTokenizer, Example
+
+
+class ExampleDataset(Dataset):
+    """Tokenized examples held in memory (tokenizing once up front also lets the run report skips early)."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+class ResumableShuffleSampler(Sampler[int]):
+    """A seeded permutation per epoch, sharded by rank, that can resume mid-epoch.
+
+    `resume_from(epoch, samples_done)` makes the next iteration of that epoch skip the samples this rank
+    already consumed, so a resumed run sees exactly the data an uninterrupted one would.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples already consumed on this rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_from(self, epoch: int, samples_done: int) -> None:
+        self._skip = (epoch, samples_done)
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        # Every rank gets the same number of samples: drop the remainder rather than duplicate.
+        per_rank = len(order) // self.world_size
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __iter__(self):
+        indices = self._indices()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = indices[self._skip[1] :]
+            self._skip = None
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Training and validation batches from ProteinLMDataset-format files.
+
+    Args:
+        train_path / val_path: local .json/.jsonl/.parquet files or a hub dataset id (`hub_name`, `hub_split`).
+        tokenizer: a `ConversationTokenizer` (multimodal or text-only, sft or caption).
+        pad_token_id / processor: for the collator.
+        batch_size: micro-batch per device. seed: data order. strict: stop at the first bad record.
+        limit: read at most this many usable records (quick runs).
+    """
+
+    def __init__(
+        self,
+        train_path: str,
+        tokenizer: ConversationTokenizer,
+        pad_token_id: int,
+        processor=None,
+        val_path: str | None = None,
+        batch_size: int = 4,
+        seed: int = 0,
+        strict: bool = False,
+        limit: int | None = None,
+        hub_name: str | None = None,
+        hub_split: str = "train",
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.train_path, self.val_path = train_path, val_path
+        self.tokenizer = tokenizer
+        self.collator = PaddedCollator(pad_token_id, processor)
+        self.batch_size, self.seed, self.limit = batch_size, seed, limit
+        self.hub_name, self.hub_split = hub_name, hub_split
+        self.num_workers = num_workers
+        self.report = RecordReport(strict=strict)
+        self.val_report = RecordReport(strict=strict)
+        self.train_dataset: ExampleDataset | None = None
+        self.val_dataset: ExampleDataset | None = None
+        self.sampler: ResumableShuffleSampler | None = None
+        self._resume_state: dict | None = None
+
+    def _examples(self, path: str, report: RecordReport) -> list[Example]:
+        conversations = read_conversations(path, report, limit=self.limit, name=self.hub_name, split=self.hub_split)
+        examples = []
+        for conversation in conversations:
+            try:
+                example = self.tokenizer(conversation)
+            except RecordError as error:
+                report.kept -= 1  # counted as kept when parsed; tokenization rejected it
+                report.seen -= 1
+                report.record_skip(error)
+                continue
+            if example.truncated:
+                report.record_note("truncated", f"{example.record_id}: cut to {len(example.input_ids)} tokens")
+            examples.append(example)
+        if not examples:
+            raise DataQualityError(f"no usable examples in {path}:\n{report.summary()}")
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset = ExampleDataset(self._examples(self.train_path, self.report))
+        if self.val_path and self.val_dataset is None:
+            self.val_dataset = ExampleDataset(self._examples(self.val_path, self.val_report))
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        self.sampler = ResumableShuffleSampler(len(self.train_dataset), self.seed, rank=rank, world_size=world_size)
+        if self._resume_state is not None:
+            self.sampler.resume_from(self._resume_state["epoch"], self._resume_state["samples_done"])
+            self._resume_state = None
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        sampler = ResumableShuffleSampler(len(self.val_dataset), self.seed, shuffle=False, rank=rank, world_size=world_size)
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator)
+
+    # --- the data position travels in Lightning checkpoints (LightningDataModule state is saved with them)
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        # ModelCheckpoint saves from on_train_batch_end, after the batch is processed but before Lightning
+        # marks it completed: `processed` counts the batches this epoch has consumed, the current one included.
+        batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "samples_done": batches_done * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._resume_state = dict(state_dict)
+
+    def write_report(self, path: Path) -> None:
+        payload = {"train": self.report.to_dict(), "val": self.val_report.to_dict() if self.val_path else None}
+        path.write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,107 @@
+"""Shared pieces of the stage modules: optimizer + schedule, the non-finite guard, trainable-only checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule of one stage.
+
+    Fields:
+        lr: peak learning rate. weight_decay: AdamW decoupled weight decay (not applied to biases and norms).
+        warmup_steps: linear warm-up steps, then cosine decay to 0 at `total_steps` (a run shorter than its
+            warm-up simply ends while still warming up).
+        betas: AdamW betas. max_nonfinite_in_a_row: stop after this many consecutive skipped steps.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    total_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_nonfinite_in_a_row: int = 5
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.total_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.total_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_nonfinite_in_a_row < 1:
+            raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {self.max_nonfinite_in_a_row}")
+
+
+def configure_adamw(named_parameters, config: OptimConfig):
+    """AdamW over the trainable parameters + warm-up/cosine schedule, stepped every optimizer step."""
+    decay, no_decay = [], []
+    for name, parameter in named_parameters:
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    if not decay and not no_decay:
+        raise ValueError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=config.betas,
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class NonFiniteGuard:
+    """Counts non-finite losses and gradients; the step is skipped, and too many in a row stop the run."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def check_loss(self, loss: torch.Tensor) -> bool:
+        """True if the loss is finite; otherwise counts a skipped step (the caller returns None)."""
+        if torch.isfinite(loss).all():
+            return True
+        self._skip("loss")
+        return False
+
+    def check_gradients(self, module: nn.Module) -> None:
+        """Drop all gradients when any is non-finite: optimizers leave parameters without .grad untouched."""
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            for parameter in module.parameters():
+                parameter.grad = None
+            self._skip("gradient")
+        elif grads:
+            self.in_a_row = 0
+
+    def _skip(self, what: str) -> None:
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise FloatingPointError(
+                f"{self.in_a_row} steps in a row had a non-finite {what}; stopping. Lower the learning rate, "
+                "check the data, or use bf16-mixed instead of 16-mixed."
+            )
+
+
+def trainable_state_dict(module: nn.Module, state_dict: dict) -> dict:
+    """Only the trainable parameters of `state_dict`: frozen weights are rebuilt from the model, not checkpointed."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state_dict.items() if k in trainable}
+
+
+def check_trainable_keys_present(module: nn.Module, state_dict: dict) -> None:
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(state_dict))
+    if missing:
+        raise KeyError(
+            f"the checkpoint lacks {len(missing)} trainable tensors of this run (e.g. {missing[:3]}); "
+            "it was written by a run with another model or stage"
+        )

@@ -1,0 +1,257 @@
+"""One training run from a composed config: `python train.py stage=1|2 [overrides]` calls `train(cfg)`.
+
+Order: validate the config and check every file it names (cheap), then build the model, the data and the
+trainer, fit, and write the run's outputs (projector / adapter, export folder, data report, loss curve).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from ..builders import build_preset, load_decoder
+from ..data.demo import ensure_demo_dataset
+from ..data.tokenize import ConversationTokenizer
+from ..modeling import ProteinLLM
+from .checkpointing import PROJECTOR_FILE, AtomicCheckpointIO, load_projector, resolve_resume, save_projector
+from .datamodule import SFTDataModule
+from .export import export_run
+from .optim import OptimConfig
+from .plots import plot_loss_curve
+from .stage1 import Stage1Module
+from .stage2 import LoraSettings, Stage2Module, apply_stage2_training
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject bad values and missing files with one message naming the key, before any model is loaded."""
+    if cfg.stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {cfg.stage!r}")
+    if cfg.model.text_only and cfg.stage == 1:
+        raise ValueError("model=text-only has no projector to align: run it as stage=2")
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ImportError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA GPU "
+                "(pip install flash-attn --no-build-isolation); use model.attn_implementation=sdpa otherwise"
+            )
+    if cfg.data.path is not None and not Path(cfg.data.path).exists() and cfg.data.source == "local":
+        raise FileNotFoundError(f"data.path={cfg.data.path}: no such file")
+    if cfg.data.val_path is not None and not Path(cfg.data.val_path).exists():
+        raise FileNotFoundError(f"data.val_path={cfg.data.val_path}: no such file")
+    if cfg.model.decoder is not None and not Path(cfg.model.decoder).exists():
+        raise FileNotFoundError(f"model.decoder={cfg.model.decoder}: no such folder")
+    if cfg.stage == 2 and not cfg.model.text_only and cfg.stage2.projector is not None:
+        if not Path(cfg.stage2.projector).is_file():
+            raise FileNotFoundError(
+                f"stage2.projector={cfg.stage2.projector}: no such file. Run `python train.py stage=1` with the same "
+                f"model first (it writes {PROJECTOR_FILE} in its run folder)."
+            )
+    if cfg.stage2.llm == "qlora":
+        if not torch.cuda.is_available():
+            raise RuntimeError("stage2.llm=qlora needs a CUDA GPU (bitsandbytes 4-bit); use stage2.llm=lora on CPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise ImportError("stage2.llm=qlora needs bitsandbytes: pip install 'protein_llava[qlora]'") from error
+    resolve_resume(cfg.resume, Path(cfg.out) / "lightning")
+    optim_config(cfg)  # validates the stage's optimisation settings
+
+
+def data_paths(cfg: DictConfig) -> tuple[str, str | None]:
+    """(train source, validation source); the demo source writes its files on first use."""
+    if cfg.data.source == "demo":
+        paths = ensure_demo_dataset(cfg.data.demo_dir, seed=cfg.data.demo_seed)
+        return str(cfg.data.path or paths["train"]), cfg.data.val_path
+    if cfg.data.source in ("local", "hub"):
+        if cfg.data.path is None:
+            raise ValueError(f"data.source={cfg.data.source} needs data.path")
+        return str(cfg.data.path), cfg.data.val_path
+    raise ValueError(f"data.source must be demo, local or hub; got {cfg.data.source!r}")
+
+
+def build_model(cfg: DictConfig):
+    """(model, processor or None, tokenizer): a ProteinLLM, or the bare decoder for the text-only arm."""
+    dtype = DTYPES[cfg.model.dtype]
+    attn = cfg.model.attn_implementation
+    if cfg.model.text_only:
+        decoder, tokenizer = load_decoder(cfg.model.preset, cfg.model.decoder, dtype, attn, seed=cfg.seed)
+        return decoder, None, tokenizer
+    model, processor = build_preset(
+        cfg.model.preset,
+        decoder=cfg.model.decoder,
+        encoder_weights=cfg.model.encoder_weights,
+        dtype=dtype,
+        attn_implementation=attn,
+        seed=cfg.seed,
+        overflow=cfg.data.overflow,
+    )
+    return model, processor, processor.tokenizer
+
+
+OPTIM_KEYS = ("lr", "weight_decay", "warmup_steps", "max_nonfinite_in_a_row")
+
+
+def stage_settings(cfg: DictConfig) -> DictConfig:
+    return cfg.stage1 if cfg.stage == 1 else cfg.stage2
+
+
+def max_steps(cfg: DictConfig) -> int:
+    return cfg.trainer.max_steps if cfg.trainer.max_steps is not None else stage_settings(cfg).max_steps
+
+
+def optim_config(cfg: DictConfig) -> OptimConfig:
+    settings = stage_settings(cfg)
+    return OptimConfig(total_steps=max_steps(cfg), **{key: settings[key] for key in OPTIM_KEYS})
+
+
+def stage1_projector_path(cfg: DictConfig) -> Path:
+    if cfg.stage2.projector is not None:
+        return Path(cfg.stage2.projector)
+    return Path(cfg.checkpoints_dir) / f"{cfg.model.name}-stage1" / PROJECTOR_FILE
+
+
+def make_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "lightning",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint_every,
+        monitor="step",
+        mode="max",
+        save_top_k=cfg.keep_checkpoints,
+    )
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["max_steps"] = max_steps(cfg)
+    strategy = trainer_kwargs.pop("strategy", "auto")
+    if isinstance(strategy, dict):
+        strategy = _build_strategy(strategy)
+    return L.Trainer(
+        **trainer_kwargs,
+        strategy=strategy,
+        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=cfg.progress_every)],
+        logger=_make_logger(cfg, out),
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the datamodule shards by rank itself, resumably
+        default_root_dir=str(out),
+        enable_model_summary=False,
+    )
+
+
+def _build_strategy(spec: dict):
+    """Strategy objects for the ready-made FSDP / DeepSpeed configs."""
+    name = spec.pop("name")
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(**spec)
+    if name == "deepspeed":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(**spec)
+    raise ValueError(f"unknown trainer.strategy.name {name!r}; choose fsdp or deepspeed (or a plain string)")
+
+
+def _make_logger(cfg: DictConfig, out: Path):
+    if cfg.logger == "csv":
+        return CSVLogger(save_dir=str(out), name="logs", version="")
+    if cfg.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(out), name="logs", version="")
+    if cfg.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(save_dir=str(out), name=cfg.run_name)
+    raise ValueError(f"logger must be csv, tensorboard or wandb; got {cfg.logger!r}")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one stage; returns a summary (also written to `out/summary.json`)."""
+    check_config(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    train_path, val_path = data_paths(cfg)
+    optim = optim_config(cfg)
+
+    model, processor, tokenizer = build_model(cfg)
+    if cfg.stage == 1:
+        module = Stage1Module(model, optim, gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        if isinstance(model, ProteinLLM):
+            load_projector(model, stage1_projector_path(cfg))
+        lora = LoraSettings(**OmegaConf.to_container(cfg.stage2.lora, resolve=True))
+        model = apply_stage2_training(model, cfg.stage2.llm, lora, train_encoder=cfg.stage2.train_encoder)
+        module = Stage2Module(model, optim, gradient_checkpointing=cfg.gradient_checkpointing)
+
+    conversation_tokenizer = ConversationTokenizer(
+        processor, cfg.data.max_length, mode="caption" if cfg.stage == 1 else "sft", tokenizer=tokenizer
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    datamodule = SFTDataModule(
+        train_path,
+        conversation_tokenizer,
+        pad_token_id=pad_id,
+        processor=processor,
+        val_path=val_path,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        strict=cfg.data.strict,
+        limit=cfg.data.limit,
+        hub_name=cfg.data.hub_name,
+        hub_split=cfg.data.hub_split,
+    )
+    trainer = make_trainer(cfg, out)
+    ckpt_path = resolve_resume(cfg.resume, out / "lightning")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    summary = {"stage": cfg.stage, "run": cfg.run_name, "steps": trainer.global_step, "out": str(out)}
+    if trainer.is_global_zero:
+        summary.update(_write_outputs(cfg, out, module, processor, tokenizer, datamodule))
+    return summary
+
+
+def _write_outputs(cfg, out: Path, module, processor, tokenizer, datamodule) -> dict:
+    model = module.model
+    if isinstance(model, ProteinLLM):
+        save_projector(model, out / PROJECTOR_FILE)
+    language_model = model.language_model if isinstance(model, ProteinLLM) else model
+    if hasattr(language_model, "peft_config"):
+        language_model.save_pretrained(out / "adapter")
+    datamodule.write_report(out / "data_report.json")
+    log.info("data:\n%s", datamodule.report.summary())
+    print(datamodule.report.summary())
+    metrics_csv = out / "logs" / "metrics.csv"
+    outputs = {"nonfinite_skipped_steps": module.guard.skipped, "data": datamodule.report.to_dict()}
+    if metrics_csv.is_file():
+        plot_loss_curve(metrics_csv, out / "loss.png", title=f"{cfg.run_name}")
+        outputs["final_train_loss"] = _last_metric(metrics_csv, "train/loss")
+    export_dir = export_run(model, processor, tokenizer, out / "export", merge_adapter=cfg.export.merge_adapter)
+    outputs["export"] = str(export_dir)
+    (out / "summary.json").write_text(json.dumps({"stage": cfg.stage, "run": cfg.run_name, **outputs}, indent=2))
+    return outputs
+
+
+def _last_metric(metrics_csv: Path, name: str) -> float | None:
+    import csv
+
+    value = None
+    with metrics_csv.open() as handle:
+        for row in csv.DictReader(handle):
+            if row.get(name):
+                value = float(row[name])
+    return value

