@@ -51,7 +51,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def projector_metadata(model: ProteinLLM) -> dict[str, str]:
-    config = model.config
+    return config_projector_metadata(model.config)
+
+
+def config_projector_metadata(config) -> dict[str, str]:
+    """What a projector file records about the model it belongs to (from a ProteinLLMConfig alone)."""
     return {
         "projector_config": json.dumps(config.projector_config.to_dict(), sort_keys=True),
         "encoder_dim": str(config.encoder_config.embed_dim),
@@ -69,6 +73,12 @@ def save_projector(model: ProteinLLM, path: Path) -> None:
 
 def load_projector(model: ProteinLLM, path: Path) -> None:
     """Load a stage-1 projector into `model`, refusing one trained for other encoder/decoder shapes."""
+    check_projector_file(path, model.config)
+    model.projector.load_state_dict(load_file(str(path)))
+
+
+def check_projector_file(path: Path, config) -> None:
+    """Refuse (naming the file and the differing field) a projector trained for other shapes; reads metadata only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -79,19 +89,18 @@ def load_projector(model: ProteinLLM, path: Path) -> None:
 
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
-    wanted = projector_metadata(model)
+    wanted = config_projector_metadata(config)
     for key in ("encoder_dim", "text_dim", "projector_config"):
         if metadata.get(key) != wanted[key]:
             found = metadata.get(key)
             if key == "projector_config" and found is not None:
-                found_cfg, wanted_cfg = ProjectorConfig(**_strip(json.loads(found))), model.config.projector_config
+                found_cfg, wanted_cfg = ProjectorConfig(**_strip(json.loads(found))), config.projector_config
                 if found_cfg.to_dict() == wanted_cfg.to_dict():
                     continue
             raise ValueError(
                 f"the projector at {path} was trained for {key}={found} but this model has {key}={wanted[key]}; "
                 "train stage 1 for this model, or pick the matching projector"
             )
-    model.projector.load_state_dict(load_file(str(path)))
 
 
 def _strip(config: dict) -> dict:

@@ -20,7 +20,15 @@ from ..builders import build_preset, load_decoder
 from ..data.demo import ensure_demo_dataset
 from ..data.tokenize import ConversationTokenizer
 from ..modeling import ProteinLLM
-from .checkpointing import PROJECTOR_FILE, AtomicCheckpointIO, load_projector, resolve_resume, save_projector
+from ..configuration import ProteinLLMConfig
+from .checkpointing import (
+    PROJECTOR_FILE,
+    AtomicCheckpointIO,
+    check_projector_file,
+    load_projector,
+    resolve_resume,
+    save_projector,
+)
 from .datamodule import SFTDataModule
 from .export import export_run
 from .optim import OptimConfig
@@ -54,12 +62,15 @@ def check_config(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"data.val_path={cfg.data.val_path}: no such file")
     if cfg.model.decoder is not None and not Path(cfg.model.decoder).exists():
         raise FileNotFoundError(f"model.decoder={cfg.model.decoder}: no such folder")
-    if cfg.stage == 2 and not cfg.model.text_only and cfg.stage2.projector is not None:
-        if not Path(cfg.stage2.projector).is_file():
+    if cfg.stage == 2 and not cfg.model.text_only:
+        projector = stage1_projector_path(cfg)
+        if not projector.is_file():
+            key = "stage2.projector" if cfg.stage2.projector is not None else "the default stage-1 projector"
             raise FileNotFoundError(
-                f"stage2.projector={cfg.stage2.projector}: no such file. Run `python train.py stage=1` with the same "
-                f"model first (it writes {PROJECTOR_FILE} in its run folder)."
+                f"{key} {projector}: no such file. Run `python train.py stage=1` with the same model first "
+                f"(it writes {PROJECTOR_FILE} in its run folder), or set stage2.projector=PATH."
             )
+        check_projector_file(projector, expected_model_config(cfg))
     if cfg.stage2.llm == "qlora":
         if not torch.cuda.is_available():
             raise RuntimeError("stage2.llm=qlora needs a CUDA GPU (bitsandbytes 4-bit); use stage2.llm=lora on CPU")
@@ -118,6 +129,16 @@ def optim_config(cfg: DictConfig) -> OptimConfig:
     return OptimConfig(total_steps=max_steps(cfg), **{key: settings[key] for key in OPTIM_KEYS})
 
 
+def expected_model_config(cfg: DictConfig) -> ProteinLLMConfig:
+    """The config the run's model will have, read without loading weights (for checks before the heavy load)."""
+    config = ProteinLLMConfig.from_preset(cfg.model.preset)
+    if cfg.model.decoder is not None:
+        from transformers import AutoConfig
+
+        config.text_config = AutoConfig.from_pretrained(cfg.model.decoder)
+    return config
+
+
 def stage1_projector_path(cfg: DictConfig) -> Path:
     if cfg.stage2.projector is not None:
         return Path(cfg.stage2.projector)
@@ -142,13 +163,20 @@ def make_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     return L.Trainer(
         **trainer_kwargs,
         strategy=strategy,
-        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=cfg.progress_every)],
+        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=cfg.progress_every), *extra_callbacks(cfg)],
         logger=_make_logger(cfg, out),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the datamodule shards by rank itself, resumably
         default_root_dir=str(out),
         enable_model_summary=False,
     )
+
+
+def extra_callbacks(cfg: DictConfig) -> list:
+    """User callbacks from `callbacks: [{_target_: ...}]` (instantiated by Hydra's own instantiate)."""
+    from hydra.utils import instantiate
+
+    return [instantiate(spec) for spec in cfg.callbacks]
 
 
 def _build_strategy(spec: dict):

@@ -1,0 +1,94 @@
+"""Non-finite steps, atomic checkpoint writes, and the resumable sampler."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import lightning as L
+import pytest
+import torch
+
+from protein_llava import build_tiny
+from protein_llava.data.records import Conversation, Turn
+from protein_llava.data.tokenize import ConversationTokenizer
+from protein_llava.training.checkpointing import AtomicCheckpointIO, atomic_write
+from protein_llava.training.datamodule import ResumableShuffleSampler, SFTDataModule
+from protein_llava.training.optim import OptimConfig
+from protein_llava.training.stage1 import Stage1Module
+
+
+def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
+    model, processor = build_tiny()
+    with torch.no_grad():
+        model.projector.projection[0].weight.fill_(float("nan"))
+    datamodule = SFTDataModule(
+        str(_tiny_data(tmp_path)), ConversationTokenizer(processor, 256, mode="caption"), pad_token_id=3, processor=processor, batch_size=2
+    )
+    module = Stage1Module(model, OptimConfig(total_steps=20, warmup_steps=0, max_nonfinite_in_a_row=3))
+    trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss"):
+        trainer.fit(module, datamodule=datamodule)
+    assert module.guard.skipped == 3
+    assert torch.isnan(model.projector.projection[0].weight).all()  # no update happened
+
+
+def test_nonfinite_gradients_drop_the_update(tmp_path):
+    model, processor = build_tiny()
+    module = Stage1Module(model, OptimConfig(total_steps=5, warmup_steps=0))
+    for parameter in model.projector.parameters():
+        parameter.grad = torch.full_like(parameter, float("inf"))
+    module.guard.check_gradients(model)
+    assert all(p.grad is None for p in model.parameters()) and module.guard.skipped == 1
+
+
+def test_checkpoint_io_refuses_nonfinite_weights(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite weights in projector.w"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"projector.w": torch.tensor([1.0, float("nan")])}}, tmp_path / "x.ckpt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_crash_during_a_save_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "last.ckpt"
+    atomic_write(target, lambda tmp: torch.save({"step": 1}, tmp))
+    crash = textwrap.dedent(
+        f"""
+        import os, signal
+        from protein_llava.training.checkpointing import atomic_write
+        def half_then_die(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"partial checkpoint bytes")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write({str(target)!r}, half_then_die)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", crash], capture_output=True, timeout=120)
+    assert result.returncode == -9
+    assert torch.load(target, weights_only=True) == {"step": 1}
+
+
+def test_sampler_resumes_mid_epoch_and_shards_disjointly():
+    straight = ResumableShuffleSampler(20, seed=5)
+    straight.set_epoch(2)
+    order = list(straight)
+    resumed = ResumableShuffleSampler(20, seed=5)
+    resumed.set_epoch(2)
+    resumed.resume_from(epoch=2, samples_done=8)
+    assert list(resumed) == order[8:]
+    assert list(resumed) == order  # the skip applies to that one iteration only
+    ranks = []
+    for rank in range(2):
+        sampler = ResumableShuffleSampler(21, seed=5, rank=rank, world_size=2)
+        sampler.set_epoch(0)
+        ranks.append(list(sampler))
+    assert len(ranks[0]) == len(ranks[1]) == 10 and not set(ranks[0]) & set(ranks[1])
+
+
+def _tiny_data(tmp_path):
+    import json
+
+    path = tmp_path / "data.jsonl"
+    rows = [{"instruction": "Describe.", "input": "<seq> M K T A Y </seq>", "output": f"Protein {i}."} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path

@@ -1,0 +1,136 @@
+"""Whole training runs on the tiny preset: the literal commands, resume, DDP, and what each stage trains."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
+from protein_llava.training.run import check_config, train
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "configs" / "train"
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_script(args, cwd=ROOT, timeout=300, check=True):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "hydra/job_logging=none", "hydra/hydra_logging=none"],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory):
+    """`python train.py stage=1` then `stage=2`, literally, on the tiny preset (stage 2 finds stage 1 by default)."""
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
+    common = ["model=tiny", "trainer.max_steps=6", f"checkpoints_dir={checkpoints}", "checkpoint_every=3", "trainer.log_every_n_steps=1"]
+    run_script(["stage=1", *common])
+    run_script(["stage=2", *common])
+    return checkpoints
+
+
+def test_stage1_outputs_and_what_it_trained(two_stage_run):
+    run = two_stage_run / "tiny-stage1"
+    for name in ("projector.safetensors", "loss.png", "data_report.json", "summary.json", "logs/metrics.csv", "export/config.json"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "lightning").glob("*.ckpt"))) == 2
+    exported = ProteinLLM.from_pretrained(run / "export")
+    initial, _ = build_tiny(seed=0)
+    trained_projector = load_file(str(run / "projector.safetensors"))
+    for name, tensor in exported.state_dict().items():
+        before = initial.state_dict()[name]
+        if name.startswith("projector."):
+            assert torch.equal(tensor, trained_projector[name.removeprefix("projector.")])
+            assert not torch.equal(tensor, before), f"{name} did not train"
+        else:
+            assert torch.equal(tensor, before), f"{name} changed in stage 1"
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["train"]["kept"] == 1600 and report["train"]["skipped"] == {}
+
+
+def test_stage2_trains_projector_and_lora_then_exports_merged(two_stage_run):
+    stage1 = ProteinLLM.from_pretrained(two_stage_run / "tiny-stage1" / "export")
+    run = two_stage_run / "tiny-stage2"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    exported = ProteinLLM.from_pretrained(run / "export").eval()
+    changed = {k for k, v in exported.state_dict().items() if not torch.equal(v, stage1.state_dict()[k])}
+    assert any(k.startswith("projector.") for k in changed)
+    assert any(k.startswith("language_model.") for k in changed)  # merged LoRA deltas
+    assert not any(k.startswith("protein_encoder.") for k in changed)
+    # The exported folder is self-contained: the README's API works on it.
+    processor = ProteinLLMProcessor.from_pretrained(run / "export")
+    out = exported.generate(**processor(text=["<seq> M K T </seq> What?"]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > 0
+
+
+def test_stage2_refuses_a_missing_or_mismatched_projector(two_stage_run, tmp_path):
+    cfg = compose_train(["stage=2", "model=tiny", f"stage2.projector={tmp_path / 'none.safetensors'}"])
+    with pytest.raises(FileNotFoundError, match="none.safetensors: no such file. Run `python train.py stage=1`"):
+        check_config(cfg)
+    # A projector trained for another shape (mean-pool reduction here) is refused before training.
+    from protein_llava.training.checkpointing import save_projector
+    from protein_llava.builders import build_protein_llm
+    from protein_llava.configuration import ProjectorConfig, ProteinLLMConfig
+    from protein_llava.text_tokenizer import byte_level_tokenizer
+
+    config = ProteinLLMConfig.from_preset("tiny")
+    config.projector_config = ProjectorConfig(projector_type="linear")
+    other, _ = build_protein_llm(config, byte_level_tokenizer())
+    save_projector(other, tmp_path / "other.safetensors")
+    cfg = compose_train(["stage=2", "model=tiny", f"stage2.projector={tmp_path / 'other.safetensors'}", f"out={tmp_path / 'run'}", f"checkpoints_dir={two_stage_run}"])
+    with pytest.raises(ValueError, match="other.safetensors was trained for projector_config="):
+        check_config(cfg)
+
+
+def test_text_only_arm_exports_a_plain_decoder(tmp_path):
+    cfg = compose_train(["stage=2", "model=text-only", "model.preset=tiny", "trainer.max_steps=2", f"out={tmp_path}", f"checkpoints_dir={tmp_path}"])
+    summary = train(cfg)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "llama" and summary["steps"] == 2
+
+
+def test_text_only_stage1_is_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match="model=text-only has no projector to align: run it as stage=2"):
+        check_config(compose_train(["stage=1", "model=text-only"]))
+
+
+def test_unknown_key_is_named_before_anything_loads(tmp_path):
+    result = run_script(["stage=1", "model=tiny", "trainer.max_stepz=3", f"out={tmp_path}"], check=False)
+    assert result.returncode != 0 and "max_stepz" in result.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    common = ["stage=1", "model=tiny", "trainer.max_steps=8", "checkpoint_every=2", "keep_checkpoints=-1", f"checkpoints_dir={tmp_path}"]
+    run_script([*common, f"out={tmp_path / 'straight'}"])
+    killed = run_script(
+        [*common, f"out={tmp_path / 'killed'}", "callbacks=[{_target_: fault_injection.KillAfterCheckpoint, step: 5}]"], check=False
+    )
+    assert killed.returncode == -9  # SIGKILL
+    assert not (tmp_path / "killed" / "projector.safetensors").exists()
+    run_script([*common, f"out={tmp_path / 'killed'}", "resume=auto"])
+    straight = load_file(str(tmp_path / "straight" / "projector.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "projector.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    result = run_script(["stage=1", "model=tiny", "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=3", f"out={tmp_path}"])
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stage"] == 1 and (tmp_path / "projector.safetensors").is_file()
