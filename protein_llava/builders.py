@@ -44,10 +44,11 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, o
     folder = smollm2_gguf_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    # The weights are plain tensors after de-quantisation; a leftover GGUF quantization_config would make
-    # a saved ProteinLLM look quantised to from_pretrained.
+    # The weights are plain tensors after de-quantisation; the leftover GGUF quantizer would make saved
+    # folders look quantised (and transformers refuses to save a GGUF-quantised model at all).
     model.config.quantization_config = None
     del model.config.quantization_config
+    model.hf_quantizer = None
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     return model, tokenizer
 
@@ -97,6 +98,11 @@ def build_protein_llm(
     model = ProteinLLM(config, language_model=language_model)
     if language_model is not None:
         model.generation_config = copy.deepcopy(language_model.generation_config)
+    if processor.protein_token_id < config.text_config.vocab_size:
+        # The placeholder has a row in the decoder's head: generation must never emit it (a generated
+        # placeholder would have no protein behind it).
+        suppressed = list(model.generation_config.suppress_tokens or [])
+        model.generation_config.suppress_tokens = [*suppressed, processor.protein_token_id]
     if encoder_weights is not None:
         load_encoder_weights(model, encoder_weights)
     return model.eval(), processor

@@ -181,8 +181,12 @@ class ProteinLLMConfig(PreTrainedConfig):
         return self.text_config
 
 
-def tiny_config(vocab_size: int = 272) -> ProteinLLMConfig:
-    """Random 2-layer 32-wide ESM-2 and 2-layer 64-wide Llama: seconds on CPU, for tests."""
+def tiny_config(vocab_size: int = 260) -> ProteinLLMConfig:
+    """Random 2-layer 32-wide ESM-2 and 2-layer 64-wide Llama: seconds on CPU, for tests.
+
+    260 = the byte-level tokenizer's 4 specials + 256 bytes, so `<protein>` (added as id 260) lies outside the
+    decoder's vocabulary, as it does for SmolLM2 and InternLM2.
+    """
     return ProteinLLMConfig(
         encoder_config=ProteinEncoderConfig(num_layers=2, embed_dim=32, attention_heads=4),
         projector_config=ProjectorConfig(projector_type="mlp2x_gelu", token_reduction="none"),

@@ -93,7 +93,7 @@ def test_trainable_flags_change_what_a_step_updates(tiny):
     assert model.trainable_parts() == {"encoder": False, "projector": True, "llm": False}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = processor(text=["<seq> M K T A </seq> kinase"], padding_side="right")
-    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] == processor.protein_token_id, -100)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
     model(**batch).loss.backward()

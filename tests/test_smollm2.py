@@ -72,3 +72,14 @@ def test_saved_folder_restores_identical_logits(smollm2, smollm2_folder):
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, model(**inputs).logits)
     assert again.language_model.lm_head.weight is again.language_model.model.embed_tokens.weight
+
+
+def test_the_bare_decoder_saves_as_a_plain_transformers_folder(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    decoder, _, processor = smollm2
+    decoder.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = processor.tokenizer("Which amino acid carries a thiol group?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, decoder(ids).logits)

@@ -10,17 +10,28 @@ from ..processing import ProteinLLMProcessor
 from .tokenize import IGNORE_INDEX, Example
 
 
+def protein_inputs(proteins: list[str], processor: ProteinLLMProcessor | None, representation_cache=None) -> dict:
+    """What the model reads for a batch's proteins: cached encoder features if a cache is given, else ESM tokens."""
+    if representation_cache is not None:
+        return representation_cache.batch(proteins)
+    if processor is None:
+        raise ValueError("examples carry proteins but the collator has no processor to encode them")
+    return {"protein_input_ids": processor.encode_proteins(proteins)}
+
+
 class PaddedCollator:
     """Examples → a padded batch for `ProteinLLM.forward` (or a plain decoder when `processor` is None).
 
     Keys: `input_ids`, `attention_mask`, `labels` (B, T) and, when any example has a protein,
-    `protein_input_ids` (all proteins of the batch in order, as `ProteinLLMProcessor.encode_proteins`).
+    `protein_input_ids` (all proteins of the batch in order, as `ProteinLLMProcessor.encode_proteins`) or,
+    with a `representation_cache`, their cached encoder features.
     """
 
-    def __init__(self, pad_token_id: int, processor: ProteinLLMProcessor | None = None, pad_to_multiple_of: int = 8):
+    def __init__(self, pad_token_id: int, processor: ProteinLLMProcessor | None = None, pad_to_multiple_of: int = 8, representation_cache=None):
         self.pad_token_id = pad_token_id
         self.processor = processor
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.representation_cache = representation_cache
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         longest = max(len(e.input_ids) for e in examples)
@@ -36,7 +47,69 @@ class PaddedCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         proteins = [p for e in examples for p in e.proteins]
         if proteins:
-            if self.processor is None:
-                raise ValueError("examples carry proteins but the collator has no processor to encode them")
-            batch["protein_input_ids"] = self.processor.encode_proteins(proteins)
+            batch.update(protein_inputs(proteins, self.processor, self.representation_cache))
         return batch
+
+
+class PackedCollator:
+    """Examples → rows of up to `pack_length` tokens holding several samples each, with no padding between them.
+
+    Position ids restart at 0 for every sample and no attention mask is returned: transformers then keeps
+    attention inside each sample (flash-attention varlen on GPU; a block-diagonal mask for sdpa / eager).
+    A sample's first label is masked, since the token before it belongs to another sample. A protein's
+    placeholder run always stays inside its sample, so it is never split.
+    """
+
+    def __init__(self, pad_token_id: int, pack_length: int, processor: ProteinLLMProcessor | None = None, pad_to_multiple_of: int = 8, representation_cache=None):
+        self.pad_token_id = pad_token_id
+        self.pack_length = pack_length
+        self.processor = processor
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.representation_cache = representation_cache
+
+    def pack(self, examples: Sequence[Example]) -> list[list[Example]]:
+        """First fit, in the given order: each example goes into the first row with room."""
+        rows: list[list[Example]] = []
+        room: list[int] = []
+        for example in examples:
+            n = len(example.input_ids)
+            if n > self.pack_length:
+                raise ValueError(f"{example.record_id}: {n} tokens do not fit pack_length={self.pack_length}")
+            slot = next((i for i, free in enumerate(room) if n <= free), None)
+            if slot is None:
+                rows.append([example])
+                room.append(self.pack_length - n)
+            else:
+                rows[slot].append(example)
+                room[slot] -= n
+        return rows
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        rows = self.pack(examples)
+        longest = max(sum(len(e.input_ids) for e in row) for row in rows)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        proteins = []
+        for r, row in enumerate(rows):
+            start = 0
+            for example in row:
+                n = len(example.input_ids)
+                input_ids[r, start : start + n] = torch.tensor(example.input_ids)
+                labels[r, start : start + n] = torch.tensor(example.labels)
+                labels[r, start] = IGNORE_INDEX
+                position_ids[r, start : start + n] = torch.arange(n)
+                proteins.extend(example.proteins)
+                start += n
+            # The tail padding is one more "sample" of its own, attending to nothing real.
+            position_ids[r, start:] = torch.arange(width - start)
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if proteins:
+            batch.update(protein_inputs(proteins, self.processor, self.representation_cache))
+        return batch
+
+
+def real_token_fraction(batch: dict[str, torch.Tensor], lengths: Sequence[int]) -> float:
+    """Share of the batch's token slots that hold real tokens."""
+    return sum(lengths) / batch["input_ids"].numel()

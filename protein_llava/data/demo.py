@@ -132,7 +132,7 @@ def protein_records(protein: dict) -> list[dict]:
     return [function, properties]
 
 
-def write_demo_dataset(folder: str | Path, num_train: int = 800, num_heldout: int = 200, seed: int = 0) -> dict[str, Path]:
+def write_demo_dataset(folder: str | Path, num_train: int = 800, num_heldout: int = 100, seed: int = 0) -> dict[str, Path]:
     """Write `train.jsonl` and `heldout.jsonl` (two records per protein) under `folder`; return their paths.
 
     Held-out proteins never occur in train. Same seed → byte-identical files.

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from ..data.collate import PaddedCollator
+from ..data.batching import Batching, ResumableBatchSampler
+from ..data.collate import PackedCollator, PaddedCollator
 from ..data.records import DataQualityError, RecordError, RecordReport, read_conversations
 from ..data.tokenize import ConversationTokenizer, Example
 
@@ -27,46 +28,6 @@ class ExampleDataset(Dataset):
         return self.examples[index]
 
 
-class ResumableShuffleSampler(Sampler[int]):
-    """A seeded permutation per epoch, sharded by rank, that can resume mid-epoch.
-
-    `resume_from(epoch, samples_done)` makes the next iteration of that epoch skip the samples this rank
-    already consumed, so a resumed run sees exactly the data an uninterrupted one would.
-    """
-
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self._skip: tuple[int, int] | None = None  # (epoch, samples already consumed on this rank)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume_from(self, epoch: int, samples_done: int) -> None:
-        self._skip = (epoch, samples_done)
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
-        # Every rank gets the same number of samples: drop the remainder rather than duplicate.
-        per_rank = len(order) // self.world_size
-        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
-
-    def __iter__(self):
-        indices = self._indices()
-        if self._skip is not None and self._skip[0] == self.epoch:
-            indices = indices[self._skip[1] :]
-            self._skip = None
-        return iter(indices)
-
-    def __len__(self) -> int:
-        return self.num_samples // self.world_size
-
-
 class SFTDataModule(L.LightningDataModule):
     """Training and validation batches from ProteinLMDataset-format files.
 
@@ -74,7 +35,9 @@ class SFTDataModule(L.LightningDataModule):
         train_path / val_path: local .json/.jsonl/.parquet files or a hub dataset id (`hub_name`, `hub_split`).
         tokenizer: a `ConversationTokenizer` (multimodal or text-only, sft or caption).
         pad_token_id / processor: for the collator.
-        batch_size: micro-batch per device. seed: data order. strict: stop at the first bad record.
+        batch_size: micro-batch per device (examples, or packed rows with batching="packed").
+        batching: "random", "length_grouped" or "packed" (several samples per row, `pack_length` tokens).
+        seed: data order. strict: stop at the first bad record.
         limit: read at most this many usable records (quick runs).
     """
 
@@ -92,11 +55,20 @@ class SFTDataModule(L.LightningDataModule):
         hub_name: str | None = None,
         hub_split: str = "train",
         num_workers: int = 0,
+        batching: Batching = "random",
+        pack_length: int | None = None,
+        representation_cache=None,
     ):
         super().__init__()
         self.train_path, self.val_path = train_path, val_path
         self.tokenizer = tokenizer
-        self.collator = PaddedCollator(pad_token_id, processor)
+        self.batching, self.pack_length = batching, pack_length
+        if batching == "packed":
+            if pack_length is None:
+                raise ValueError("batching=packed needs pack_length")
+            self.collator = PackedCollator(pad_token_id, pack_length, processor, representation_cache=representation_cache)
+        else:
+            self.collator = PaddedCollator(pad_token_id, processor, representation_cache=representation_cache)
         self.batch_size, self.seed, self.limit = batch_size, seed, limit
         self.hub_name, self.hub_split = hub_name, hub_split
         self.num_workers = num_workers
@@ -104,7 +76,7 @@ class SFTDataModule(L.LightningDataModule):
         self.val_report = RecordReport(strict=strict)
         self.train_dataset: ExampleDataset | None = None
         self.val_dataset: ExampleDataset | None = None
-        self.sampler: ResumableShuffleSampler | None = None
+        self.sampler: ResumableBatchSampler | None = None
         self._resume_state: dict | None = None
 
     def _examples(self, path: str, report: RecordReport) -> list[Example]:
@@ -131,29 +103,37 @@ class SFTDataModule(L.LightningDataModule):
         if self.val_path and self.val_dataset is None:
             self.val_dataset = ExampleDataset(self._examples(self.val_path, self.val_report))
 
+    def proteins(self) -> set[str]:
+        """Every protein of the training and validation examples (to fill a representation cache)."""
+        datasets = [d for d in (self.train_dataset, self.val_dataset) if d is not None]
+        return {p for dataset in datasets for example in dataset.examples for p in example.proteins}
+
+    def _batch_sampler(self, dataset: ExampleDataset, shuffle: bool) -> ResumableBatchSampler:
+        return ResumableBatchSampler(
+            [len(e.input_ids) for e in dataset.examples],
+            self.batch_size,
+            seed=self.seed,
+            mode=self.batching,
+            shuffle=shuffle,
+            pack_length=self.pack_length,
+            rank=self.trainer.global_rank if self.trainer is not None else 0,
+            world_size=self.trainer.world_size if self.trainer is not None else 1,
+        )
+
     def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        self.sampler = ResumableShuffleSampler(len(self.train_dataset), self.seed, rank=rank, world_size=world_size)
+        self.sampler = self._batch_sampler(self.train_dataset, shuffle=True)
         if self._resume_state is not None:
-            self.sampler.resume_from(self._resume_state["epoch"], self._resume_state["samples_done"])
+            self.sampler.resume_from(self._resume_state["epoch"], self._resume_state["batches_done"])
             self._resume_state = None
         return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            drop_last=True,
+            self.train_dataset, batch_sampler=self.sampler, collate_fn=self.collator, num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             return []
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        sampler = ResumableShuffleSampler(len(self.val_dataset), self.seed, shuffle=False, rank=rank, world_size=world_size)
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator)
+        sampler = self._batch_sampler(self.val_dataset, shuffle=False)
+        return DataLoader(self.val_dataset, batch_sampler=sampler, collate_fn=self.collator)
 
     # --- the data position travels in Lightning checkpoints (LightningDataModule state is saved with them)
     def state_dict(self) -> dict:
@@ -162,7 +142,7 @@ class SFTDataModule(L.LightningDataModule):
         # ModelCheckpoint saves from on_train_batch_end, after the batch is processed but before Lightning
         # marks it completed: `processed` counts the batches this epoch has consumed, the current one included.
         batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.trainer.current_epoch, "samples_done": batches_done * self.batch_size}
+        return {"epoch": self.trainer.current_epoch, "batches_done": batches_done}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:

@@ -60,6 +60,11 @@ def check_config(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"data.path={cfg.data.path}: no such file")
     if cfg.data.val_path is not None and not Path(cfg.data.val_path).exists():
         raise FileNotFoundError(f"data.val_path={cfg.data.val_path}: no such file")
+    if cfg.data.batching == "packed" and (cfg.data.pack_length is None or cfg.data.pack_length < cfg.data.max_length):
+        raise ValueError(
+            f"data.batching=packed needs data.pack_length >= data.max_length ({cfg.data.max_length}), "
+            f"got {cfg.data.pack_length}"
+        )
     if cfg.model.decoder is not None and not Path(cfg.model.decoder).exists():
         raise FileNotFoundError(f"model.decoder={cfg.model.decoder}: no such folder")
     if cfg.stage == 2 and not cfg.model.text_only:
@@ -145,6 +150,23 @@ def stage1_projector_path(cfg: DictConfig) -> Path:
     return Path(cfg.checkpoints_dir) / f"{cfg.model.name}-stage1" / PROJECTOR_FILE
 
 
+def attach_representation_cache(cfg: DictConfig, model, datamodule: SFTDataModule) -> None:
+    """Fill the frozen-encoder cache with every protein of the run's data and make the collator read from it."""
+    from ..encoder_cache import RepresentationCache
+
+    if not isinstance(model, ProteinLLM):
+        raise ValueError("encoder_cache.enabled=true needs a multimodal model; the text-only arm has no encoder")
+    if any(p.requires_grad for p in model.protein_encoder.parameters()):
+        raise ValueError("encoder_cache.enabled=true needs a frozen encoder; it conflicts with stage2.train_encoder=true")
+    cache = RepresentationCache(cfg.encoder_cache.dir, model.protein_encoder, dtype=DTYPES[cfg.encoder_cache.dtype])
+    datamodule.setup("fit")
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    added = cache.add(datamodule.proteins(), batch_size=cfg.encoder_cache.batch_size, device=device)
+    model.protein_encoder.to("cpu")
+    log.info("encoder cache %s: %d proteins, %d computed now", cache.folder, len(cache), added)
+    datamodule.collator.representation_cache = cache
+
+
 def make_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     checkpoint = ModelCheckpoint(
         dirpath=out / "lightning",
@@ -218,13 +240,13 @@ def train(cfg: DictConfig) -> dict:
 
     model, processor, tokenizer = build_model(cfg)
     if cfg.stage == 1:
-        module = Stage1Module(model, optim, gradient_checkpointing=cfg.gradient_checkpointing)
+        module = Stage1Module(model, optim, cfg.gradient_checkpointing, cfg.loss_chunk_size)
     else:
         if isinstance(model, ProteinLLM):
             load_projector(model, stage1_projector_path(cfg))
         lora = LoraSettings(**OmegaConf.to_container(cfg.stage2.lora, resolve=True))
         model = apply_stage2_training(model, cfg.stage2.llm, lora, train_encoder=cfg.stage2.train_encoder)
-        module = Stage2Module(model, optim, gradient_checkpointing=cfg.gradient_checkpointing)
+        module = Stage2Module(model, optim, cfg.gradient_checkpointing, cfg.loss_chunk_size)
 
     conversation_tokenizer = ConversationTokenizer(
         processor, cfg.data.max_length, mode="caption" if cfg.stage == 1 else "sft", tokenizer=tokenizer
@@ -242,10 +264,22 @@ def train(cfg: DictConfig) -> dict:
         limit=cfg.data.limit,
         hub_name=cfg.data.hub_name,
         hub_split=cfg.data.hub_split,
+        batching=cfg.data.batching,
+        pack_length=cfg.data.pack_length,
     )
+    if cfg.encoder_cache.enabled:
+        attach_representation_cache(cfg, model, datamodule)
     trainer = make_trainer(cfg, out)
     ckpt_path = resolve_resume(cfg.resume, out / "lightning")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except torch.cuda.OutOfMemoryError as error:
+        raise torch.cuda.OutOfMemoryError(
+            f"GPU out of memory in {cfg.run_name}: lower data.batch_size (now {cfg.data.batch_size}) and raise "
+            f"trainer.accumulate_grad_batches to keep the effective batch; with data.batching=packed lower "
+            f"data.pack_length (now {cfg.data.pack_length}); set gradient_checkpointing=true; set loss_chunk_size=1024 "
+            f"for large vocabularies; or use stage2.llm=qlora (4-bit decoder). Resume with resume=auto."
+        ) from error
 
     summary = {"stage": cfg.stage, "run": cfg.run_name, "steps": trainer.global_step, "out": str(out)}
     if trainer.is_global_zero:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from ..loss import causal_lm_loss
 from ..modeling import ProteinLLM
 from .optim import NonFiniteGuard, OptimConfig, check_trainable_keys_present, configure_adamw, trainable_state_dict
 
@@ -15,10 +16,11 @@ from .optim import NonFiniteGuard, OptimConfig, check_trainable_keys_present, co
 class Stage1Module(L.LightningModule):
     """Trains only `model.projector`."""
 
-    def __init__(self, model: ProteinLLM, optim: OptimConfig, gradient_checkpointing: bool = False):
+    def __init__(self, model: ProteinLLM, optim: OptimConfig, gradient_checkpointing: bool = False, loss_chunk_size: int | None = None):
         super().__init__()
         self.model = model
         self.optim = optim
+        self.loss_chunk_size = loss_chunk_size  # None: the decoder's own loss; N: chunked, see protein_llava.loss
         model.set_trainable(encoder=False, projector=True, llm=False)
         if gradient_checkpointing:
             model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -27,7 +29,7 @@ class Stage1Module(L.LightningModule):
         self.guard = NonFiniteGuard(optim.max_nonfinite_in_a_row)
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch, use_cache=False).loss
+        loss = causal_lm_loss(self.model, batch, self.loss_chunk_size)
         if not self.guard.check_loss(loss):
             return None  # Lightning skips the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -35,7 +37,7 @@ class Stage1Module(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self.model(**batch, use_cache=False).loss
+        loss = causal_lm_loss(self.model, batch, self.loss_chunk_size)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_before_optimizer_step(self, optimizer):

@@ -12,6 +12,7 @@ from typing import Literal
 import lightning as L
 from torch import nn
 
+from ..loss import causal_lm_loss
 from ..modeling import ProteinLLM
 from .optim import NonFiniteGuard, OptimConfig, check_trainable_keys_present, configure_adamw, trainable_state_dict
 
@@ -77,10 +78,11 @@ def _wrap_lora(language_model: nn.Module, lora: LoraSettings, quantized: bool) -
 class Stage2Module(L.LightningModule):
     """Instruction tuning: whatever `apply_stage2_training` left trainable learns; loss on replies only."""
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, gradient_checkpointing: bool = False):
+    def __init__(self, model: nn.Module, optim: OptimConfig, gradient_checkpointing: bool = False, loss_chunk_size: int | None = None):
         super().__init__()
         self.model = model
         self.optim = optim
+        self.loss_chunk_size = loss_chunk_size  # None: the decoder's own loss; N: chunked, see protein_llava.loss
         if gradient_checkpointing:
             decoder = model.language_model if isinstance(model, ProteinLLM) else model
             decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -90,7 +92,7 @@ class Stage2Module(L.LightningModule):
         self.guard = NonFiniteGuard(optim.max_nonfinite_in_a_row)
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch, use_cache=False).loss
+        loss = causal_lm_loss(self.model, batch, self.loss_chunk_size)
         if not self.guard.check_loss(loss):
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -98,7 +100,7 @@ class Stage2Module(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self.model(**batch, use_cache=False).loss
+        loss = causal_lm_loss(self.model, batch, self.loss_chunk_size)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_before_optimizer_step(self, optimizer):

@@ -13,7 +13,8 @@ from protein_llava import build_tiny
 from protein_llava.data.records import Conversation, Turn
 from protein_llava.data.tokenize import ConversationTokenizer
 from protein_llava.training.checkpointing import AtomicCheckpointIO, atomic_write
-from protein_llava.training.datamodule import ResumableShuffleSampler, SFTDataModule
+from protein_llava.data.batching import ResumableBatchSampler
+from protein_llava.training.datamodule import SFTDataModule
 from protein_llava.training.optim import OptimConfig
 from protein_llava.training.stage1 import Stage1Module
 
@@ -68,21 +69,30 @@ def test_a_crash_during_a_save_leaves_the_previous_file(tmp_path):
     assert torch.load(target, weights_only=True) == {"step": 1}
 
 
-def test_sampler_resumes_mid_epoch_and_shards_disjointly():
-    straight = ResumableShuffleSampler(20, seed=5)
+@pytest.mark.parametrize("mode", ["random", "length_grouped", "packed"])
+def test_batch_sampler_resumes_mid_epoch_and_shards_disjointly(mode):
+    lengths = [(7 * i) % 23 + 3 for i in range(40)]
+    straight = ResumableBatchSampler(lengths, batch_size=3, seed=5, mode=mode, pack_length=40)
     straight.set_epoch(2)
-    order = list(straight)
-    resumed = ResumableShuffleSampler(20, seed=5)
+    batches = list(straight)
+    assert len(batches) == len(straight) > 3
+    resumed = ResumableBatchSampler(lengths, batch_size=3, seed=5, mode=mode, pack_length=40)
     resumed.set_epoch(2)
-    resumed.resume_from(epoch=2, samples_done=8)
-    assert list(resumed) == order[8:]
-    assert list(resumed) == order  # the skip applies to that one iteration only
+    resumed.resume_from(epoch=2, batches_done=3)
+    assert list(resumed) == batches[3:]
+    assert list(resumed) == batches  # the skip applies to that one iteration only
+    other_epoch = ResumableBatchSampler(lengths, batch_size=3, seed=5, mode=mode, pack_length=40)
+    other_epoch.set_epoch(3)
+    assert list(other_epoch) != batches
     ranks = []
     for rank in range(2):
-        sampler = ResumableShuffleSampler(21, seed=5, rank=rank, world_size=2)
+        sampler = ResumableBatchSampler(lengths, batch_size=3, seed=5, mode=mode, pack_length=40, rank=rank, world_size=2)
         sampler.set_epoch(0)
-        ranks.append(list(sampler))
-    assert len(ranks[0]) == len(ranks[1]) == 10 and not set(ranks[0]) & set(ranks[1])
+        ranks.append([i for batch in sampler for i in batch])
+    assert ranks[0] and not set(ranks[0]) & set(ranks[1])
+    assert len(list(ResumableBatchSampler(lengths, 3, 5, mode, pack_length=40, rank=0, world_size=2))) == len(
+        list(ResumableBatchSampler(lengths, 3, 5, mode, pack_length=40, rank=1, world_size=2))
+    )
 
 
 def _tiny_data(tmp_path):

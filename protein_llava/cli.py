@@ -1,0 +1,461 @@
+"""`protein-llava`: predict (FASTA → JSONL), chat, serve, export (run → Hub-ready folder), convert-internlm2.
+
+Each subcommand imports its optional stack (Biopython, FastAPI + uvicorn, huggingface_hub) only when it
+runs, so the package and the other subcommands work without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .predict import TEMPLATES
+
+
+class CommandError(Exception):
+    """A problem the user can fix (a missing file, a bad flag value): printed as one line, exit status 2."""
+
+
+# --- shared arguments
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="a saved ProteinLLM folder (model + processor)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype (default: as saved)"
+    )
+
+
+def _load_answerer(args):
+    from .predict import Answerer
+
+    try:
+        answerer = Answerer.from_folder(args.model, device=args.device, dtype=args.dtype)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise CommandError(str(error)) from error
+    if getattr(args, "overflow", None) is not None:
+        answerer.processor.overflow = args.overflow
+    return answerer
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# --- predict
+
+
+def predict_command(args) -> int:
+    from .predict import FastaRecord, answered_ids, predict_fasta, read_fasta
+
+    question = TEMPLATES[args.template] if args.template else args.question
+    if not question.strip():
+        raise CommandError("--question is empty")
+    try:
+        records = read_fasta(args.fasta) if args.fasta else [FastaRecord(args.id, args.sequence)]
+    except (ValueError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from error
+    out = args.out
+    errors = args.errors or (out.with_name(out.stem + ".errors.jsonl") if out is not None else None)
+    if out is not None:
+        try:
+            answered_ids(out, question)  # fails before the model loads when --out answers another question
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+        out.parent.mkdir(parents=True, exist_ok=True)
+    summary = predict_fasta(
+        _load_answerer(args),
+        records,
+        question,
+        out,
+        errors=errors,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.no_progress,
+    )
+    print(f"predict: {summary.line(str(out) if out else 'stdout', str(errors) if errors else None)}", file=sys.stderr)
+    return 1 if summary.problems.get("generation_error") else 0
+
+
+# --- chat
+
+CHAT_HELP = """commands: /protein SEQ (load another protein, new conversation), /reset (clear the conversation),
+/help, /quit (or end of input). Anything else is a question about the loaded protein."""
+
+
+def chat_command(args) -> int:
+    from .predict import ChatSession, read_fasta
+    from .sequences import ProteinSequenceError
+
+    sequence = args.sequence
+    if args.fasta is not None:
+        try:
+            records = read_fasta(args.fasta)
+        except (ValueError, FileNotFoundError) as error:
+            raise CommandError(str(error)) from error
+        chosen = [r for r in records if args.record is None or r.id == args.record]
+        if not chosen:
+            raise CommandError(f"no record {args.record!r} in {args.fasta}")
+        sequence = chosen[0].sequence
+        print(f"protein: record {chosen[0].id} of {args.fasta}", file=sys.stderr)
+    session = ChatSession(_load_answerer(args), max_new_tokens=args.max_new_tokens)
+    if sequence is not None:
+        try:
+            residues = session.load_protein(sequence)
+        except ProteinSequenceError as error:
+            raise CommandError(str(error)) from error
+        print(f"protein loaded: {len(residues)} residues", file=sys.stderr)
+    else:
+        print("no protein loaded: questions go to the decoder alone (/protein SEQ loads one)", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif line == "/reset":
+            session.reset()
+            print("conversation cleared", file=sys.stderr)
+        elif line == "/protein" or line.startswith("/protein "):
+            try:
+                residues = session.load_protein(line[len("/protein") :])
+            except ProteinSequenceError as error:
+                print(f"error: {error}; the previous protein stays loaded", file=sys.stderr)
+                continue
+            print(f"protein loaded: {len(residues)} residues; new conversation", file=sys.stderr)
+        elif line.startswith("/"):
+            print(f"unknown command {line.split()[0]!r}; {CHAT_HELP}", file=sys.stderr)
+        else:
+            print(session.ask(line), flush=True)
+    return 0
+
+
+# --- serve
+
+
+def serve_command(args) -> int:
+    import uvicorn
+
+    from .serving import ServerLimits, create_app
+
+    try:
+        limits = ServerLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_sequences=args.max_sequences,
+            max_new_tokens=args.max_new_tokens_limit,
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    app = create_app(_load_answerer(args), limits, model_name=str(args.model))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"serve: listening on {args.host}, beyond this machine; the server has no authentication", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+# --- export
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run_config(run: Path) -> dict:
+    """The run's composed Hydra config (hydra/.hydra/config.yaml), or {} when absent or unreadable."""
+    path = run / "hydra" / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        import yaml
+    except ImportError:
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def find_stage1_run(run: Path, config: dict, given: Path | None) -> Path | None:
+    """The stage-1 run of a stage-2 run: `given`, else the folder of the stage-2 config's projector,
+    else `<checkpoints>/<model name>-stage1` beside the run. None when none holds a stage-1 summary."""
+    if given is not None:
+        summary = _read_json(given / "summary.json")
+        if summary is None or summary.get("stage") != 1:
+            raise CommandError(f"--stage1-run {given} holds no stage-1 summary.json")
+        return given
+    candidates = []
+    projector = (config.get("stage2") or {}).get("projector")
+    if projector:
+        candidates.append(Path(projector).parent)
+    name = (config.get("model") or {}).get("name")
+    if name:
+        candidates += [run.parent / f"{name}-stage1", Path(config.get("checkpoints_dir", "checkpoints")) / f"{name}-stage1"]
+    for candidate in candidates:
+        summary = _read_json(candidate / "summary.json")
+        if summary is not None and summary.get("stage") == 1:
+            return candidate
+    return None
+
+
+def _stage_rows(run: Path, summary: dict, config: dict) -> dict[str, str]:
+    stage = summary.get("stage")
+    settings = config.get(f"stage{stage}") or {}
+    trainer = config.get("trainer") or {}
+    steps = summary.get("steps")
+    steps_text = f"{steps} steps" if steps is not None else f"max_steps {trainer.get('max_steps') or settings.get('max_steps', '?')}"
+    if stage == 1:
+        title, trains = "stage 1 (projector alignment)", "trains the projector; encoder and decoder frozen"
+    else:
+        llm = settings.get("llm", "?")
+        lora = settings.get("lora") or {}
+        decoder = f"decoder {llm}" + (f" (r {lora.get('r')}, alpha {lora.get('alpha')})" if llm in ("lora", "qlora") else "")
+        merged = (config.get("export") or {}).get("merge_adapter", True)
+        if llm in ("lora", "qlora"):
+            decoder += ", merged into the weights" if merged else ", adapter in adapter/"
+        encoder = "encoder trained" if settings.get("train_encoder") else "encoder frozen"
+        title, trains = "stage 2 (instruction tuning)", f"projector trained, {decoder}, {encoder}"
+    details = [f"run `{summary.get('run', run.name)}`", steps_text]
+    if "lr" in settings:
+        details.append(f"lr {settings['lr']:g}")
+    rows = {title: ", ".join(details) + f"; {trains}"}
+    data = (_read_json(run / "data_report.json") or {}).get("train") or summary.get("data")
+    if data:
+        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted((data.get("skipped") or {}).items()))
+        rows[f"{title}: data"] = f"{data.get('kept')} of {data.get('seen')} records kept" + (f" (skipped: {skipped})" if skipped else "")
+    if summary.get("final_train_loss") is not None:
+        rows[f"{title}: final train loss"] = f"{summary['final_train_loss']:.4f}"
+    return rows
+
+
+def training_rows(run: Path, stage1_run: Path | None) -> dict[str, str]:
+    """The card's training table: one row per stage, its data counts and loss, and the data source."""
+    summary = _read_json(run / "summary.json")
+    if summary is None:
+        raise CommandError(f"{run}/summary.json is missing: is {run} a finished training run?")
+    config = _run_config(run)
+    rows = {}
+    if summary.get("stage") == 2:
+        if stage1_run is not None:
+            rows.update(_stage_rows(stage1_run, _read_json(stage1_run / "summary.json"), _run_config(stage1_run)))
+        else:
+            rows["stage 1 (projector alignment)"] = "run not found (export --stage1-run DIR names it)"
+    rows.update(_stage_rows(run, summary, config))
+    model, data = config.get("model") or {}, config.get("data") or {}
+    if model:
+        rows["preset"] = f"{model.get('preset')} (decoder: {model.get('decoder') or 'preset default'}, encoder weights: {model.get('encoder_weights') or 'preset default'})"
+    if data:
+        where = {"demo": "the embedded demo set", "hub": data.get("hub_name"), "local": data.get("path")}
+        rows["data source"] = f"{data.get('source')}: {where.get(data.get('source'), data.get('path'))}"
+    return rows
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def evaluation_rows(report_path: Path, model_export: Path) -> dict[str, str]:
+    """The card's results table from an eval run's report.json: each arm's accuracy and 95% CI."""
+    report = _read_json(report_path)
+    if report is None:
+        raise CommandError(f"--eval-report {report_path}: no such file")
+    bench = report.get("benchmark") or {}
+    name = bench.get("name", "evaluation")
+    rows = {}
+    for arm, numbers in (report.get("arms") or {}).items():
+        source = numbers.get("source")
+        is_this = source is not None and Path(source).resolve() == model_export.resolve()
+        ci = numbers.get("ci95")
+        text = f"accuracy {_percent(numbers.get('accuracy'))}"
+        if ci:
+            text += f" (95% CI {_percent(ci[0])} to {_percent(ci[1])})"
+        text += f", {numbers.get('n_scored')} items scored"
+        rows[f"{name}: {arm}" + (" (this model)" if is_this else "")] = text
+    if bench.get("chance") is not None:
+        rows[f"{name}: chance level"] = _percent(bench["chance"])
+    settings = report.get("settings") or {}
+    if settings:
+        rows[f"{name}: protocol"] = (
+            f"mode {settings.get('mode')}, prompt format {settings.get('prompt_format')}; "
+            f"{bench.get('n_scored')} of {bench.get('n_entries')} items scored, from `{bench.get('source')}`"
+        )
+    if report.get("mcnemar_p") is not None:
+        rows[f"{name}: exact McNemar p (arms paired)"] = f"{report['mcnemar_p']:.3g}"
+    return rows
+
+
+def export_command(args) -> int:
+    import shutil
+
+    from .configuration import ProteinLLMConfig
+    from .model_card import write_model_card
+
+    run, out = args.run, args.out
+    source = run / "export"
+    if not (source / "config.json").is_file():
+        raise CommandError(f"{source}/config.json is missing: {run} is not a finished training run")
+    model_type = json.loads((source / "config.json").read_text()).get("model_type")
+    if model_type != ProteinLLMConfig.model_type:
+        raise CommandError(f"{source} holds a plain {model_type!r} model (the text-only arm); export takes ProteinLLM runs")
+    if args.push and not args.repo_id:
+        raise CommandError("--push needs --repo-id user/name")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise CommandError(f"{out} exists and is not empty; choose a new --out or pass --force to overwrite files in it")
+    summary = _read_json(run / "summary.json") or {}
+    stage1_run = find_stage1_run(run, _run_config(run), args.stage1_run) if summary.get("stage") == 2 else None
+    training = training_rows(run, stage1_run)
+    results = evaluation_rows(args.eval_report, source) if args.eval_report else None
+
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    config = ProteinLLMConfig.from_pretrained(out)
+    card = write_model_card(out, config, repo=args.repo_id or str(out), training=training, results=results)
+    print(f"export: {out} (model card {card}" + (f"; stage 1 from {stage1_run}" if stage1_run else "") + ")", file=sys.stderr)
+    if args.push:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=args.repo_id, commit_message="Upload ProteinLLM (protein_llava export)")
+        print(f"export: pushed to https://huggingface.co/{args.repo_id}", file=sys.stderr)
+    return 0
+
+
+# --- convert-internlm2
+
+
+def convert_internlm2_command(args) -> int:
+    from .convert.internlm2 import main as convert_main
+
+    return convert_main([str(args.src), str(args.dst), *(["--dtype", args.dtype] if args.dtype else [])])
+
+
+# --- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="protein-llava",
+        description="Ask a ProteinLLM about proteins: batch FASTA prediction, chat, an HTTP server, "
+        "export of a training run, and InternLM2 conversion.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = commands.add_parser(
+        "predict",
+        help="answer one question for every protein of a FASTA file (JSONL out, resumable)",
+        description="Answer one question for every record of a FASTA file (or one --sequence), greedily and in "
+        "batches. Rows {id, sequence_length, question, answer} are appended to --out and flushed per batch; "
+        "ids already there are skipped, so a rerun resumes. Bad records (invalid residues, empty, too long, "
+        "duplicate ids) are skipped and listed in --errors.",
+    )
+    _add_model_arguments(predict)
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--fasta", type=Path, help="FASTA file of proteins")
+    source.add_argument("--sequence", help="one protein sequence (one-letter codes)")
+    predict.add_argument("--id", default="query", help="the id of --sequence in the output (default: query)")
+    asked = predict.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--question", help="the question, asked about each protein")
+    asked.add_argument("--template", choices=tuple(TEMPLATES), help="a ProteinLMDataset UniProt instruction instead of --question")
+    predict.add_argument("--out", type=Path, default=None, help="JSONL output, appended and resumed (default: stdout, no resume)")
+    predict.add_argument("--errors", type=Path, default=None, help="JSONL of skipped records (default: OUT's stem + .errors.jsonl)")
+    predict.add_argument("--batch-size", type=_positive, default=8, help="proteins per generate call (default: 8)")
+    predict.add_argument("--max-new-tokens", type=_positive, default=128, help="longest answer in tokens (default: 128)")
+    predict.add_argument(
+        "--overflow", choices=("error", "truncate"), default=None,
+        help="proteins over the encoder limit: skip as errors, or keep their first residues (default: as saved)",
+    )
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.set_defaults(handler=predict_command)
+
+    chat = commands.add_parser(
+        "chat",
+        help="an interactive conversation about a protein (reads questions from stdin)",
+        description="Talk to the model about a protein. Reads one question per line from stdin until end of "
+        "input or /quit and prints each answer on stdout; the conversation history goes through the chat "
+        "template. " + CHAT_HELP,
+    )
+    _add_model_arguments(chat)
+    protein = chat.add_mutually_exclusive_group()
+    protein.add_argument("--sequence", help="the protein to talk about")
+    protein.add_argument("--fasta", type=Path, help="take the protein from a FASTA file (first record, or --record)")
+    chat.add_argument("--record", default=None, help="with --fasta: the id of the record to load")
+    chat.add_argument("--max-new-tokens", type=_positive, default=256, help="longest answer in tokens (default: 256)")
+    chat.set_defaults(handler=chat_command)
+
+    serve = commands.add_parser(
+        "serve",
+        help="an HTTP server: POST /v1/answer, GET /health (FastAPI + uvicorn)",
+        description="Serve the model over HTTP. POST /v1/answer {\"sequences\": [...], \"question\": \"...\", "
+        "\"max_new_tokens\": 64} answers {\"answers\": [...]}; concurrent requests are batched into one greedy "
+        "generate call. GET /health reports readiness and batching counters.",
+    )
+    _add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-batch-size", type=_positive, default=16, help="most prompts per generate call (default: 16)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests (default: 10)")
+    serve.add_argument("--max-sequences", type=_positive, default=32, help="most sequences per request (default: 32)")
+    serve.add_argument("--max-new-tokens-limit", type=_positive, default=512, help="largest max_new_tokens a request may ask (default: 512)")
+    serve.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body; larger gets 413 (default: 1 MiB)")
+    serve.add_argument("--overflow", choices=("error", "truncate"), default=None, help="proteins over the encoder limit: 422, or cut (default: as saved)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(handler=serve_command)
+
+    export = commands.add_parser(
+        "export",
+        help="a training run → a self-contained model folder with a filled model card (Hub-ready)",
+        description="Copy a training run's export/ folder to --out and write its model card: architecture, both "
+        "training stages (the stage-1 run is found through the stage-2 config's projector path, or "
+        "--stage1-run), data counts, evaluation results from an eval report.json, usage and data licence.",
+    )
+    export.add_argument("--run", required=True, type=Path, help="the training run folder (usually the stage-2 run)")
+    export.add_argument("--out", required=True, type=Path, help="the folder to write")
+    export.add_argument("--eval-report", type=Path, default=None, help="an eval run's report.json for the results table")
+    export.add_argument("--stage1-run", type=Path, default=None, help="the stage-1 run folder, when it cannot be found")
+    export.add_argument("--repo-id", default=None, help="the Hub repository (user/name) shown in the usage snippet")
+    export.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
+    export.add_argument("--push", action="store_true", help="upload --out to --repo-id with huggingface_hub")
+    export.add_argument("--private", action="store_true", help="with --push: create the repository private")
+    export.set_defaults(handler=export_command)
+
+    convert = commands.add_parser(
+        "convert-internlm2",
+        help="convert an InternLM2 checkpoint to the native Llama layout",
+        description="Convert an InternLM2 Hugging Face folder (e.g. internlm/internlm2-chat-7b) to a "
+        "LlamaForCausalLM folder with a fast tokenizer and the ChatML template.",
+    )
+    convert.add_argument("src", type=Path, help="InternLM2 folder (config.json, weights, tokenizer.model)")
+    convert.add_argument("dst", type=Path, help="output folder for the Llama checkpoint")
+    convert.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="cast weights (default: keep)")
+    convert.set_defaults(handler=convert_internlm2_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        print(f"protein-llava {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"protein-llava {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

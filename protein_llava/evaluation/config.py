@@ -1,0 +1,130 @@
+"""Typed, validated settings of an evaluation run (eval.py fills them from Hydra; tests build them directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from .arms import DTYPES
+
+BENCHMARK_NAMES = ("proteinlmbench", "sequence_grounded")
+DEMO_MODEL = "checkpoints/smollm2-demo-stage2/export"
+DEMO_BASELINE = "checkpoints/text-only-stage2/export"
+DEMO_HELDOUT = "checkpoints/demo-data/heldout.jsonl"
+DEMO_TRAIN = "checkpoints/demo-data/train.jsonl"
+
+
+@dataclass
+class BenchmarkConfig:
+    name: Literal["proteinlmbench", "sequence_grounded"] = "sequence_grounded"
+    """Which benchmark: ProteinLMBench, or "which description fits this protein?" items from SFT records."""
+    path: str = DEMO_HELDOUT
+    """A local file (.json/.jsonl/.parquet, and .csv for ProteinLMBench) or, for ProteinLMBench, a hub dataset id."""
+    hub_config: str = "evaluation"
+    """The hub dataset's config name (ProteinLMBench: "evaluation")."""
+    split: str = "train"
+    """The hub dataset's split (ProteinLMBench: "train")."""
+    train_paths: list[str] = field(default_factory=list)
+    """sequence_grounded: training data files; items whose protein occurs there are flagged and left out."""
+    num_options: int = 4
+    """sequence_grounded: options per item (the answer and num_options - 1 other descriptions)."""
+    seed: int = 0
+    """sequence_grounded: seed of the distractor draw."""
+
+    def __post_init__(self):
+        if self.name not in BENCHMARK_NAMES:
+            raise ValueError(f"benchmark.name must be one of {BENCHMARK_NAMES}, got {self.name!r}")
+        if not self.path:
+            raise ValueError("benchmark.path is empty")
+        if self.num_options < 2:
+            raise ValueError(f"benchmark.num_options must be >= 2, got {self.num_options}")
+        self.train_paths = [str(p) for p in self.train_paths or []]
+
+
+@dataclass
+class EvalConfig:
+    model: str = DEMO_MODEL
+    """The model under test: a saved ProteinLLM or causal-LM folder, or "smollm2" (the bare decoder)."""
+    baseline: str | None = DEMO_BASELINE
+    """The text-only baseline on the same items (folder or "smollm2"); None evaluates `model` alone."""
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    """What to evaluate on."""
+    mode: Literal["loglik", "generate", "description"] = "loglik"
+    """loglik: log-probability of each option number (deterministic). generate: the paper's protocol,
+    first integer of up to `max_new_tokens` generated tokens. description: mean per-token log-probability
+    of each option's TEXT as the reply to the item's own prompt through the chat template (no option
+    numbers, so no position bias; it asks what SFT taught: which description the model would write)."""
+    prompt_format: Literal["raw", "chat"] = "raw"
+    """raw: the official prompt text as is. chat: that text as the user turn of the chat template."""
+    limit: int | None = None
+    """Evaluate only the first N benchmark entries (scored or flagged)."""
+    out: str = "checkpoints/eval"
+    """Folder for report.json, report.md, report.png, predictions.jsonl, flagged.jsonl."""
+    batch_size: int = 8
+    """Questions per forward pass."""
+    max_new_tokens: int = 20
+    """generate: new tokens per answer."""
+    temperature: float = 0.0
+    """generate: 0 is greedy; > 0 samples at that temperature (the paper used 0.1), seeded by `seed`."""
+    permutations: bool = False
+    """loglik: also score each item under every cyclic shift of its options and average the probabilities."""
+    seed: int = 0
+    """Seed of sampling and of the bootstrap."""
+    bootstrap_samples: int = 1000
+    """Resamples for the 95% interval."""
+    dtype: str = "float32"
+    """Weights' dtype: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu", "cuda", "cuda:1", ..."""
+    attn_implementation: str = "sdpa"
+    """Attention kernels: "sdpa" or "eager" (loglik needs custom masks); "flash_attention_2" only for generate."""
+    progress: bool = True
+    """Show a tqdm bar per arm."""
+
+    def __post_init__(self):
+        if isinstance(self.benchmark, dict):
+            self.benchmark = BenchmarkConfig(**_known(BenchmarkConfig, self.benchmark, "benchmark"))
+        if not self.model:
+            raise ValueError("model is empty: give a model folder or 'smollm2'")
+        if self.baseline in ("", "null", "none", "None"):
+            self.baseline = None
+        if self.mode not in ("loglik", "generate", "description"):
+            raise ValueError(f"mode must be 'loglik', 'generate' or 'description', got {self.mode!r}")
+        if self.prompt_format not in ("raw", "chat"):
+            raise ValueError(f"prompt_format must be 'raw' or 'chat', got {self.prompt_format!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+        for name in ("batch_size", "max_new_tokens", "bootstrap_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.permutations and self.mode != "loglik":
+            raise ValueError("permutations=true averages option probabilities, so it needs mode=loglik")
+        if self.mode in ("loglik", "description") and self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"mode=loglik needs attn_implementation sdpa or eager, got {self.attn_implementation!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EvalConfig:
+        """Build from a plain dict (e.g. a resolved Hydra config); unknown keys are an error naming them."""
+        return cls(**_known(cls, values, "eval config"))
+
+    def arm_sources(self) -> dict[str, str]:
+        """{arm name: model source}, the model first."""
+        arms = {"model": self.model}
+        if self.baseline is not None:
+            arms["baseline"] = self.baseline
+        return arms
+
+
+def _known(cls, values: dict, where: str) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} keys {unknown}; known: {sorted(names)}")
+    return dict(values)
+
+
+__all__ = ["BENCHMARK_NAMES", "BenchmarkConfig", "EvalConfig"]

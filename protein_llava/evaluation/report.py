@@ -1,0 +1,218 @@
+"""The run report: per-arm accuracy with a bootstrap interval, the paired McNemar test, option-position
+bias, and the files: report.json, report.md, report.png, predictions.jsonl, flagged.jsonl."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .benchmarks import Benchmark
+from .statistics import accuracy, bootstrap_ci, mcnemar_exact
+
+if TYPE_CHECKING:
+    from .config import EvalConfig
+    from .runner import ArmResult
+
+
+def _distribution(values) -> dict[str, int]:
+    counts = Counter("unparseable" if v is None else str(v) for v in values)
+    return dict(sorted(counts.items(), key=lambda kv: (kv[0] == "unparseable", int(kv[0]) if kv[0].isdigit() else 0)))
+
+
+def summarize_arm(predictions: list[dict], n_flagged: int, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
+    """An arm's numbers over its scored items (`predictions`, in item order)."""
+    correct = [p["correct"] for p in predictions]
+    interval = bootstrap_ci(correct, bootstrap_samples, seed)
+    summary = {
+        "accuracy": accuracy(correct),
+        "ci95": list(interval) if interval else None,
+        "n_scored": len(predictions),
+        "n_flagged": n_flagged,
+        "n_unparseable": sum(p["unparseable"] for p in predictions),
+        "n_correct": sum(correct),
+        "predicted_distribution": _distribution(p["predicted"] for p in predictions),
+    }
+    if predictions and "correct_permuted" in predictions[0]:
+        permuted = [p["correct_permuted"] for p in predictions]
+        interval = bootstrap_ci(permuted, bootstrap_samples, seed)
+        summary.update(
+            accuracy_permuted=accuracy(permuted),
+            ci95_permuted=list(interval) if interval else None,
+            predicted_distribution_permuted=_distribution(p["predicted_permuted"] for p in predictions),
+        )
+    return summary
+
+
+def build_report(benchmark: Benchmark, results: list[ArmResult], config: EvalConfig) -> tuple[dict, list[dict], list[dict]]:
+    """(report, per-item predictions, flagged entries). Only items every arm could read are scored, so
+    the arms' outcomes pair up item by item."""
+    flagged = list(benchmark.flagged)
+    unreadable_ids = set()
+    for result in results:
+        for entry in result.unreadable:
+            if entry.item_id not in unreadable_ids:
+                unreadable_ids.add(entry.item_id)
+                flagged.append(entry)
+    items = [item for item in benchmark.items if item.item_id not in unreadable_ids]
+    n_flagged = len(flagged)
+    arms, predictions = {}, []
+    for result in results:
+        arm_predictions = [result.predictions[item.item_id] for item in items]
+        arms[result.name] = {
+            "source": result.source,
+            "multimodal": result.multimodal,
+            **summarize_arm(arm_predictions, n_flagged, config.bootstrap_samples, config.seed),
+        }
+        predictions += [{"arm": result.name, **p} for p in arm_predictions]
+    report = {
+        "benchmark": {
+            "name": benchmark.name,
+            "source": benchmark.source,
+            "n_entries": len(benchmark.items) + len(benchmark.flagged),
+            "n_scored": len(items),
+            "n_flagged": n_flagged,
+            "flagged_reasons": dict(sorted(Counter(f.reason for f in flagged).items())),
+            "chance": sum(1 / item.num_options for item in items) / len(items) if items else None,
+            "answer_distribution": _distribution(item.answer for item in items),
+        },
+        "settings": asdict(config),
+        "arms": arms,
+    }
+    if len(results) == 2:
+        first, second = results
+        paired = {
+            key: [
+                [result.predictions[item.item_id][key] for item in items] for result in (first, second)
+            ]
+            for key in ("correct", "correct_permuted")
+            if items and key in first.predictions[items[0].item_id]
+        }
+        test = mcnemar_exact(*paired["correct"]) if items else mcnemar_exact([], [])
+        report["mcnemar"] = {
+            "arms": [first.name, second.name],
+            f"only_{first.name}_correct": test.only_first,
+            f"only_{second.name}_correct": test.only_second,
+            "p_value": test.p_value,
+        }
+        report["mcnemar_p"] = test.p_value
+        for result in results:
+            arms[result.name]["mcnemar_p"] = test.p_value
+        if "correct_permuted" in paired:
+            report["mcnemar"]["p_value_permuted"] = mcnemar_exact(*paired["correct_permuted"]).p_value
+    return report, predictions, [asdict(f) for f in flagged]
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "n/a" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: the arms' table, the paired test, the option distributions and the flag counts."""
+    bench, arms, settings = report["benchmark"], report["arms"], report["settings"]
+    permuted = any("accuracy_permuted" in a for a in arms.values())
+    lines = [
+        f"# {bench['name']}: {bench['n_scored']} items scored, {bench['n_flagged']} flagged",
+        "",
+        f"Source `{bench['source']}`; mode `{settings['mode']}`, prompt `{settings['prompt_format']}`; "
+        f"chance level {_percent(bench['chance'])} (mean of 1/number of options).",
+        "",
+        "| arm | source | accuracy | 95% CI | scored | flagged | unparseable |" + (" permuted accuracy | permuted 95% CI |" if permuted else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if permuted else ""),
+    ]
+    for name, arm in arms.items():
+        row = (
+            f"| {name} | `{arm['source']}` | {_percent(arm['accuracy'])} | {_interval(arm['ci95'])} | "
+            f"{arm['n_scored']} | {arm['n_flagged']} | {arm['n_unparseable']} |"
+        )
+        if permuted:
+            row += f" {_percent(arm.get('accuracy_permuted'))} | {_interval(arm.get('ci95_permuted'))} |"
+        lines.append(row)
+    if "mcnemar" in report:
+        test = report["mcnemar"]
+        first, second = test["arms"]
+        lines += [
+            "",
+            f"Exact McNemar test, {first} vs {second}: p = {test['p_value']:.4g} "
+            f"({test[f'only_{first}_correct']} items only {first} got right, "
+            f"{test[f'only_{second}_correct']} only {second}).",
+        ]
+    columns = [(name, arm["predicted_distribution"]) for name, arm in arms.items()]
+    if permuted:
+        columns += [(f"{name} (permuted)", arm["predicted_distribution_permuted"]) for name, arm in arms.items()]
+    options = sorted(
+        {key for _, counts in columns for key in counts} | set(bench["answer_distribution"]),
+        key=lambda k: (k == "unparseable", int(k) if k.isdigit() else 0),
+    )
+    lines += [
+        "",
+        "## Predicted option numbers",
+        "",
+        "| option | gold | " + " | ".join(name for name, _ in columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    for option in options:
+        counts = [str(counts.get(option, 0)) for _, counts in columns]
+        lines.append(f"| {option} | {bench['answer_distribution'].get(option, 0)} | " + " | ".join(counts) + " |")
+    if bench["flagged_reasons"]:
+        lines += ["", "## Flagged (left out of the score)", "", "| reason | items |", "|---|---|"]
+        lines += [f"| {reason} | {count} |" for reason, count in bench["flagged_reasons"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: str | Path) -> None:
+    """A bar chart of each arm's accuracy with its 95% interval, permuted accuracy beside it, chance dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = report["arms"]
+    series = [("accuracy", "ci95", "raw")]
+    if any("accuracy_permuted" in a for a in arms.values()):
+        series.append(("accuracy_permuted", "ci95_permuted", "permutation-averaged"))
+    width = 0.8 / len(series)
+    figure, axes = plt.subplots(figsize=(2 + 1.6 * len(arms), 3.5))
+    for offset, (key, ci_key, label) in enumerate(series):
+        xs, heights, errors = [], [], [[], []]
+        for x, arm in enumerate(arms.values()):
+            value, ci = arm.get(key), arm.get(ci_key)
+            xs.append(x + (offset - (len(series) - 1) / 2) * width)
+            heights.append(100 * (value or 0.0))
+            errors[0].append(100 * max(0.0, (value or 0.0) - ci[0]) if ci else 0.0)
+            errors[1].append(100 * max(0.0, ci[1] - (value or 0.0)) if ci else 0.0)
+        axes.bar(xs, heights, width=width, yerr=errors, capsize=4, label=label)
+    if report["benchmark"]["chance"] is not None:
+        axes.axhline(100 * report["benchmark"]["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.set_xticks(range(len(arms)), list(arms))
+    axes.set_ylabel("accuracy (%), 95% bootstrap CI")
+    axes.set_ylim(0, 100)
+    axes.set_title(f"{report['benchmark']['name']} ({report['benchmark']['n_scored']} items)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(report: dict, predictions: list[dict], flagged: list[dict], out: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md, report.png, predictions.jsonl and flagged.jsonl under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("report.json", "report.md", "report.png", "predictions.jsonl", "flagged.jsonl")}
+    paths["report.json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["report.md"].write_text(render_markdown(report))
+    plot_report(report, paths["report.png"])
+    for name, rows in (("predictions.jsonl", predictions), ("flagged.jsonl", flagged)):
+        with paths[name].open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return paths
+
+
+__all__ = ["build_report", "plot_report", "render_markdown", "summarize_arm", "write_report"]

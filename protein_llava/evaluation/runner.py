@@ -1,0 +1,158 @@
+"""One evaluation run: build the benchmark, score it with each arm in turn, pair the outcomes, write the report."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+
+import torch
+
+from .arms import Arm, check_model_source, load_arm
+from .benchmarks import (
+    ANSWER_ANCHOR,
+    Benchmark,
+    BenchmarkItem,
+    FlaggedItem,
+    build_sequence_grounded,
+    cyclic_shift,
+    first_integer,
+    load_proteinlmbench,
+    official_prompt,
+    option_text,
+)
+from .config import BenchmarkConfig, EvalConfig
+from .report import build_report, write_report
+from .scoring import generate_answers, option_probabilities, score_continuations, score_options
+
+
+@dataclass
+class ArmResult:
+    """An arm's predictions (one dict per item it could read, keyed by item id) and the items it could not."""
+
+    name: str
+    source: str
+    multimodal: bool
+    predictions: dict[str, dict] = field(default_factory=dict)
+    unreadable: list[FlaggedItem] = field(default_factory=list)
+
+
+def load_benchmark(config: BenchmarkConfig, limit: int | None = None) -> Benchmark:
+    """The benchmark `config` names, its first `limit` entries."""
+    if config.name == "proteinlmbench":
+        return load_proteinlmbench(config.path, config.hub_config, config.split, limit)
+    if config.name == "sequence_grounded":
+        return build_sequence_grounded(config.path, config.train_paths, config.num_options, config.seed, limit)
+    raise ValueError(f"unknown benchmark {config.name!r}")
+
+
+def item_prompt(arm: Arm, item: BenchmarkItem, config: EvalConfig) -> str:
+    """The text `arm` reads for `item`. In chat + loglik mode the assistant turn starts with the answer
+    anchor, so that option numbers are scored right after "The correct option is:" as in raw mode."""
+    prefix = ANSWER_ANCHOR if config.prompt_format == "chat" and config.mode == "loglik" else ""
+    return arm.render(official_prompt(item.question, item.options), config.prompt_format, assistant_prefix=prefix)
+
+
+def evaluate_arm(arm: Arm, items: list[BenchmarkItem], config: EvalConfig) -> ArmResult:
+    """Score `items` with `arm`: per item the predicted option number and whether it is the gold one."""
+    result = ArmResult(arm.name, arm.source, arm.multimodal)
+    readable = []
+    for item in items:
+        reason = arm.problem(official_prompt(item.question, item.options))
+        if reason is None:
+            readable.append(item)
+        else:
+            result.unreadable.append(FlaggedItem(item.item_id, reason, f"{arm.name} ({arm.source}) cannot read this item"))
+    texts = [item_prompt(arm, item, config) for item in readable]
+    # A chat template places its own special tokens; the raw prompt gets the tokenizer's (e.g. BOS).
+    batching = dict(add_special_tokens=config.prompt_format == "raw", batch_size=config.batch_size, progress=config.progress)
+    if config.mode == "generate":
+        outputs = generate_answers(
+            arm, texts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed, **batching
+        )
+        for item, output in zip(readable, outputs):
+            result.predictions[item.item_id] = _prediction(item, first_integer(output), output=output)
+        return result
+
+    if config.mode == "description":
+        # The item's own prompt (the question, for ProteinLMBench) as the user turn; the options' texts as replies.
+        texts = [arm.render(item.context or item.question, "chat") for item in readable]
+        continuations = [[option_text(option) for option in item.options] for item in readable]
+        scores = score_continuations(
+            arm, texts, continuations, add_special_tokens=False, batch_size=config.batch_size, progress=config.progress
+        )
+    else:
+        scores = score_options(arm, texts, [item.num_options for item in readable], **batching)
+    permuted = _permutation_probabilities(arm, readable, scores, config) if config.permutations else None
+    for index, (item, item_scores) in enumerate(zip(readable, scores)):
+        probabilities = option_probabilities(item_scores)
+        predicted = max(range(item.num_options), key=lambda j: item_scores[j]) + 1  # ties → lowest number
+        extra = dict(scores=item_scores, probabilities=probabilities)
+        if permuted is not None:
+            averaged = permuted[index]
+            predicted_permuted = max(range(item.num_options), key=lambda j: averaged[j]) + 1
+            extra.update(
+                probabilities_permuted=averaged,
+                predicted_permuted=predicted_permuted,
+                correct_permuted=predicted_permuted == item.answer,
+            )
+        result.predictions[item.item_id] = _prediction(item, predicted, **extra)
+    return result
+
+
+def _prediction(item: BenchmarkItem, predicted: int | None, **extra) -> dict:
+    return {
+        "item_id": item.item_id,
+        "num_options": item.num_options,
+        "answer": item.answer,
+        "predicted": predicted,
+        "correct": predicted == item.answer,
+        "unparseable": predicted is None,
+        **extra,
+    }
+
+
+def _permutation_probabilities(
+    arm: Arm, items: list[BenchmarkItem], scores: list[list[float]], config: EvalConfig
+) -> list[list[float]]:
+    """Per item, option probabilities averaged over all K cyclic shifts of its options (shift 0 = `scores`),
+    each mapped back to the original option order."""
+    shifted_items = [(index, shift) for index, item in enumerate(items) for shift in range(1, item.num_options)]
+    texts = [item_prompt(arm, cyclic_shift(items[index], shift), config) for index, shift in shifted_items]
+    shifted_scores = score_options(
+        arm,
+        texts,
+        [items[index].num_options for index, _ in shifted_items],
+        add_special_tokens=config.prompt_format == "raw",
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
+    totals = [option_probabilities(item_scores) for item_scores in scores]
+    for (index, shift), item_scores in zip(shifted_items, shifted_scores):
+        k = items[index].num_options
+        for position, probability in enumerate(option_probabilities(item_scores)):
+            totals[index][(position + shift) % k] += probability  # position j showed original option (j + shift) % k
+    return [[p / items[index].num_options for p in probabilities] for index, probabilities in enumerate(totals)]
+
+
+def run_evaluation(config: EvalConfig) -> dict:
+    """Evaluate every arm of `config` on the same items; write and return the report.
+
+    Model sources are checked before the benchmark or any model loads; arms load one at a time.
+    """
+    for name, source in config.arm_sources().items():
+        check_model_source(source, name)
+    benchmark = load_benchmark(config.benchmark, config.limit)
+    results = []
+    for name, source in config.arm_sources().items():
+        arm = load_arm(name, source, config.dtype, config.device, config.attn_implementation)
+        results.append(evaluate_arm(arm, benchmark.items, config))
+        del arm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    report, predictions, flagged = build_report(benchmark, results, config)
+    write_report(report, predictions, flagged, config.out)
+    return report
+
+
+__all__ = ["ArmResult", "evaluate_arm", "item_prompt", "load_benchmark", "run_evaluation"]
