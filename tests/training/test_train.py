@@ -134,3 +134,49 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert "Starting with 2 processes" in result.stdout + result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stage"] == 1 and (tmp_path / "projector.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.batching=packed", "data.pack_length=1024", "data.batch_size=2"],
+        ["data.batching=length_grouped"],
+        ["encoder_cache.enabled=true", "loss_chunk_size=64"],
+    ],
+    ids=["packed", "length-grouped", "cache+chunked-loss"],
+)
+def test_performance_options_train(overrides, tmp_path):
+    cfg = compose_train(
+        ["stage=1", "model=tiny", "trainer.max_steps=3", f"out={tmp_path / 'run'}", f"checkpoints_dir={tmp_path}", *overrides]
+    )
+    summary = train(cfg)
+    assert summary["steps"] == 3 and summary["nonfinite_skipped_steps"] == 0
+    if "encoder_cache.enabled=true" in overrides:
+        assert list((tmp_path / "encoder-cache").glob("*/shard-*.safetensors"))
+
+
+def test_corrupted_records_are_skipped_counted_and_the_rest_trains(tmp_path):
+    good = {"instruction": "Describe.", "input": "<seq> M K T A Y I A K </seq>", "output": "A kinase."}
+    lines = []
+    for i in range(60):
+        if i % 6 == 1:
+            lines.append("{broken json")
+        elif i % 6 == 3:
+            lines.append(json.dumps({**good, "input": "<seq> M K * T </seq>"}))
+        elif i % 6 == 5:
+            lines.append(json.dumps({"instruction": "Describe.", "input": "x"}))
+        else:
+            lines.append(json.dumps({**good, "output": f"Protein {i}."}))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines))
+    cfg = compose_train(["stage=1", "model=tiny", "data=local", f"data.path={data}", "trainer.max_steps=2", f"out={tmp_path / 'run'}"])
+    summary = train(cfg)
+    assert summary["data"]["kept"] == 30
+    assert summary["data"]["skipped"] == {"bad_json": 10, "bad_sequence": 10, "missing_field": 10}
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert any("data.jsonl:2" in example for example in report["train"]["examples"]["bad_json"])
+    strict = compose_train(["stage=1", "model=tiny", "data=local", f"data.path={data}", "data.strict=true", f"out={tmp_path / 'strict'}"])
+    from protein_llava.data.records import RecordError
+
+    with pytest.raises(RecordError, match="data.jsonl:2"):
+        train(strict)
