@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
+from protein_llava import ProteinLLM, ProteinLLMProcessor
 from protein_llava.builders import build_protein_llm
 from protein_llava.configuration import ProjectorConfig, ProteinLLMConfig
 from protein_llava.text_tokenizer import byte_level_tokenizer

@@ -160,7 +160,7 @@ def _check_sequences(conversation: Conversation) -> None:
                 "bad_structure", conversation.record_id, f"turns must alternate user/assistant, got {roles}"
             )
     try:
-        conversation.proteins
+        _ = conversation.proteins  # parses every <seq> span: bad markup or residues fail here, naming the record
     except ProteinSequenceError as error:
         raise RecordError("bad_sequence", conversation.record_id, str(error)) from error
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.batching import Batching, ResumableBatchSampler

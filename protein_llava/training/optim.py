@@ -38,10 +38,10 @@ class OptimConfig:
             raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {self.max_nonfinite_in_a_row}")
 
 
-def configure_adamw(named_parameters, config: OptimConfig):
+def configure_adamw(parameters, config: OptimConfig):
     """AdamW over the trainable parameters + warm-up/cosine schedule, stepped every optimizer step."""
     decay, no_decay = [], []
-    for name, parameter in named_parameters:
+    for parameter in parameters:
         if not parameter.requires_grad:
             continue
         (no_decay if parameter.ndim < 2 else decay).append(parameter)

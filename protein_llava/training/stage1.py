@@ -44,7 +44,7 @@ class Stage1Module(L.LightningModule):
         self.guard.check_gradients(self.model)
 
     def configure_optimizers(self):
-        return configure_adamw(self.model.named_parameters(), self.optim)
+        return configure_adamw(self.model.parameters(), self.optim)
 
     def on_train_start(self):
         # Frozen parts stay in eval mode (no dropout in the encoder or decoder while only the projector learns).

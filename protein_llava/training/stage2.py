@@ -107,7 +107,7 @@ class Stage2Module(L.LightningModule):
         self.guard.check_gradients(self.model)
 
     def configure_optimizers(self):
-        return configure_adamw(self.model.named_parameters(), self.optim)
+        return configure_adamw(self.model.parameters(), self.optim)
 
     def on_train_start(self):
         if isinstance(self.model, ProteinLLM) and not any(

@@ -1,6 +1,5 @@
 """Non-finite steps, atomic checkpoint writes, and the resumable sampler."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 from protein_llava import build_tiny
-from protein_llava.data.records import Conversation, Turn
 from protein_llava.data.tokenize import ConversationTokenizer
 from protein_llava.training.checkpointing import AtomicCheckpointIO, atomic_write
 from protein_llava.data.batching import ResumableBatchSampler
