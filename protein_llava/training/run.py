@@ -304,7 +304,8 @@ def _write_outputs(cfg, out: Path, module, processor, tokenizer, datamodule) -> 
         outputs["final_train_loss"] = _last_metric(metrics_csv, "train/loss")
     export_dir = export_run(model, processor, tokenizer, out / "export", merge_adapter=cfg.export.merge_adapter)
     outputs["export"] = str(export_dir)
-    (out / "summary.json").write_text(json.dumps({"stage": cfg.stage, "run": cfg.run_name, **outputs}, indent=2))
+    steps = module.trainer.global_step
+    (out / "summary.json").write_text(json.dumps({"stage": cfg.stage, "run": cfg.run_name, "steps": steps, **outputs}, indent=2))
     return outputs
 
 

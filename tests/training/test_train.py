@@ -57,6 +57,7 @@ def test_stage1_outputs_and_what_it_trained(two_stage_run):
             assert not torch.equal(tensor, before), f"{name} did not train"
         else:
             assert torch.equal(tensor, before), f"{name} changed in stage 1"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
     report = json.loads((run / "data_report.json").read_text())
     assert report["train"]["kept"] == 1600 and report["train"]["skipped"] == {}
 
