@@ -26,8 +26,11 @@ class ProteinLLMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache"]
 
     def _init_weights(self, module):
-        # The decoder initialises itself (it is a PreTrainedModel); fair-esm's modules keep their own
-        # init. Only the projector's layers are ours to initialise.
+        # Only the projector is ours to initialise: fair-esm's modules keep fair-esm's own init and the
+        # decoder (a PreTrainedModel) initialises itself. transformers calls this for every submodule.
+        projector = getattr(self, "projector", None)
+        if projector is None or not any(module is part for part in projector.modules()):
+            return
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
@@ -126,7 +129,7 @@ class ProteinLLM(ProteinLLMPreTrainedModel, GenerationMixin):
             protein_representations, protein_representations_mask = self.protein_encoder(protein_input_ids)
         elif protein_representations_mask is None:
             raise ValueError("protein_representations needs protein_representations_mask beside it")
-        projector_dtype = self.projector.projection.parameters().__next__().dtype
+        projector_dtype = next(self.projector.parameters()).dtype
         tokens, token_mask = self.projector(protein_representations.to(projector_dtype), protein_representations_mask)
         return tokens[token_mask]  # (sum of tokens, hidden), row-major: protein by protein
 

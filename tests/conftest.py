@@ -23,6 +23,15 @@ def tiny():
     return build_tiny(seed=0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny-model matmuls run faster unsplit than across OpenMP threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A tiny ProteinLLM saved with save_pretrained (model + processor in one folder)."""

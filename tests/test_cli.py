@@ -22,13 +22,7 @@ R1, R2 = P1.replace(" ", ""), P2.replace(" ", "")
 SUBCOMMANDS = ("predict", "chat", "serve", "export", "convert-internlm2")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Width-64 matmuls run faster on one thread than split across OpenMP threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def console_script() -> str:

@@ -163,3 +163,19 @@ def test_generation_keeps_proteins_only_at_prefill(tiny):
     assert "protein_input_ids" in first
     later = model.prepare_inputs_for_generation(ids, cache=object(), is_first_iteration=False, **kwargs)
     assert "protein_input_ids" not in later
+
+
+def test_building_the_composite_keeps_fair_esm_init_and_inits_only_the_projector():
+    from esm.model.esm2 import ESM2
+
+    from protein_llava.encoder import esm2_alphabet
+
+    torch.manual_seed(0)
+    reference = ESM2(num_layers=2, embed_dim=32, attention_heads=4, alphabet=esm2_alphabet())
+    torch.manual_seed(0)
+    model, _ = build_protein_llm(ProteinLLMConfig.from_preset("tiny"), byte_level_tokenizer())
+    ours = model.protein_encoder.esm.state_dict()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(ours[name], tensor), name
+    first = model.projector.projection[0]
+    assert first.bias.abs().max() == 0 and abs(first.weight.std().item() - 0.02) < 0.005

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from sample_proteins import P1, P2
 
 from protein_llava.data.demo import FUNCTION_INPUT, FUNCTION_INSTRUCTION
@@ -23,13 +22,7 @@ from protein_llava.sequences import ProteinSequenceError
 R1, R2 = P1.replace(" ", ""), P2.replace(" ", "")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Width-64 matmuls run faster on one thread than split across OpenMP threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

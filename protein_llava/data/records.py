@@ -266,6 +266,12 @@ class RecordReport:
                 f"first examples: {self.examples}. Fix the data, or pass strict=true to stop at the first one."
             )
 
+    def reject_kept(self, error: RecordError) -> None:
+        """A record counted as kept turned out unusable later (e.g. at tokenization): count it as skipped."""
+        self.kept -= 1
+        self.seen -= 1  # record_skip counts it as seen again
+        self.record_skip(error)
+
     def summary(self) -> str:
         lines = [f"records: {self.seen} read, {self.kept} kept, {sum(self.skipped.values())} skipped"]
         for reason, count in sorted(self.skipped.items()):

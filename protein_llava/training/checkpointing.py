@@ -86,7 +86,7 @@ def _strip(config: dict) -> dict:
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The newest Lightning checkpoint under `folder` (by step recorded in the file name, then mtime)."""
+    """The newest Lightning checkpoint under `folder`, by modification time."""
     candidates = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
 

@@ -85,9 +85,7 @@ class SFTDataModule(L.LightningDataModule):
             try:
                 example = self.tokenizer(conversation)
             except RecordError as error:
-                report.kept -= 1  # counted as kept when parsed; tokenization rejected it
-                report.seen -= 1
-                report.record_skip(error)
+                report.reject_kept(error)
                 continue
             if example.truncated:
                 report.record_note("truncated", f"{example.record_id}: cut to {len(example.input_ids)} tokens")
