@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench bench-gpu clean
+SEED ?= 0
+
+.PHONY: venv demo test experiment bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -24,6 +26,10 @@ demo: venv
 	$(PY) train.py stage=2
 	$(PY) train.py stage=2 model=text-only
 	$(PY) eval.py
+
+# The learning experiment, one seed per run: make experiment SEED=0; make experiment SEED=1.
+experiment: venv
+	$(PY) experiment.py --seed $(SEED)
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -14,6 +14,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from protein_llava.evaluation import EvalConfig, check_model_source, run_evaluation
+from protein_llava.evaluation.config import ABLATED_SUFFIX, RETRIEVAL_ARM
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _interval(ci) -> str:
+    return "n/a" if ci is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
 
 
 @hydra.main(config_path="configs/eval", config_name="eval", version_base="1.3")
@@ -29,15 +38,27 @@ def main(cfg: DictConfig) -> None:
     except FileNotFoundError as error:
         # A missing model or data path: one line naming it, not a traceback.
         sys.exit(f"eval.py: {error}")
-    for name, arm in report["arms"].items():
-        interval = arm["ci95"] or [float("nan")] * 2
-        print(
-            f"{name}: accuracy {arm['accuracy']} (95% CI {interval[0]:.3f}-{interval[1]:.3f}), "
+    arms = report["arms"]
+    for name, arm in arms.items():
+        if name.endswith(ABLATED_SUFFIX):
+            continue
+        ablated = arms.get(name + ABLATED_SUFFIX)
+        kind = "multimodal" if arm["multimodal"] else ("retrieval" if name == RETRIEVAL_ARM else "text-only")
+        line = (
+            f"{name} ({kind}): accuracy {_percent(arm['accuracy'])} (95% CI {_interval(arm['ci95'])}), "
             f"{arm['n_scored']} scored, {arm['n_flagged']} flagged, {arm['n_unparseable']} unparseable"
         )
+        if ablated is not None:
+            line += f"; protein-ablated {_percent(ablated['accuracy'])} (95% CI {_interval(ablated['ci95'])})"
+        print(line)
+        for category, entry in arm.get("by_category", {}).items():
+            text = f"    {category}: {_percent(entry['accuracy'])} (95% CI {_interval(entry['ci95'])}, n={entry['n']})"
+            if ablated is not None:
+                text += f"; ablated {_percent(ablated['by_category'][category]['accuracy'])}"
+            print(text + f"; chance {_percent(entry['chance'])}")
     if "mcnemar_p" in report:
         print(f"exact McNemar p = {report['mcnemar_p']:.4g}")
-    print(f"chance {report['benchmark']['chance']}; report in {config.out}")
+    print(f"chance {_percent(report['benchmark']['chance'])}; report in {config.out}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ setup(
     packages=find_packages(include=["protein_llava", "protein_llava.*"]),
     install_requires=requirements("requirements.txt"),
     extras_require={
-        # 4-bit QLoRA needs a CUDA GPU.
-        "qlora": ["bitsandbytes==0.50.2"],
+        # bitsandbytes (4-bit QLoRA, on CPU or GPU) is a regular dependency now, pinned in requirements.txt;
+        # the empty extra keeps `pip install 'protein_llava[qlora]'` working.
+        "qlora": [],
         "deepspeed": ["deepspeed==0.19.8"],
         "tensorboard": ["tensorboard==2.21.0"],
         "dev": requirements("requirements-dev.txt"),

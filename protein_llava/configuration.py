@@ -10,6 +10,7 @@ Named presets are plain functions (`tiny_config`, `smollm2_demo_config`,
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -174,6 +175,18 @@ class ProteinLLMConfig(PreTrainedConfig):
             if not hasattr(config, key):
                 raise ValueError(f"unknown ProteinLLMConfig field {key!r}")
             setattr(config, key, value)
+        return config
+
+    def with_projector(self, **overrides) -> ProteinLLMConfig:
+        """A copy whose projector config has `overrides` (e.g. token_reduction="mean_pool", pool_stride=2),
+        validated like any ProjectorConfig; unknown names are an error naming them."""
+        known = ("projector_type", "token_reduction", "pool_stride", "num_latents", "resampler_heads")
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"unknown projector_config fields {unknown}; known: {list(known)}")
+        config = copy.deepcopy(self)
+        current = {name: getattr(self.projector_config, name) for name in known}
+        config.projector_config = ProjectorConfig(**{**current, **overrides})
         return config
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:

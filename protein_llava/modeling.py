@@ -86,6 +86,16 @@ class ProteinLLM(ProteinLLMPreTrainedModel, GenerationMixin):
         parts = dict(zip(TRAINABLE_PARTS, (self.protein_encoder, self.projector, self.language_model)))
         return {name: any(p.requires_grad for p in module.parameters()) for name, module in parts.items()}
 
+    @classmethod
+    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+        """transformers' from_pretrained. A bitsandbytes `quantization_config` (e.g. `quantization.nf4_config()`)
+        quantises the decoder only: ESM-2, the projector and the LM head stay in full precision."""
+        if quantization_config is not None:
+            from .quantization import decoder_only
+
+            kwargs["quantization_config"] = decoder_only(quantization_config)
+        return super().from_pretrained(*args, **kwargs)
+
     # --- adapters and saving
     def load_language_adapter(self, adapter_path: str, merge: bool = False) -> None:
         """Put a peft LoRA adapter (trained on this decoder) on the decoder; `merge=True` folds it in."""

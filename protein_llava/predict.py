@@ -64,8 +64,14 @@ class Answerer:
         self.stop_token_ids = stop_token_ids(tokenizer, model.generation_config)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device: str = "auto", dtype: str | None = None) -> Answerer:
-        """Load a saved ProteinLLM folder (model + processor); a non-ProteinLLM folder raises ValueError."""
+    def from_folder(
+        cls, folder: str | Path, device: str = "auto", dtype: str | None = None, load_in_4bit: bool = False
+    ) -> Answerer:
+        """Load a saved ProteinLLM folder (model + processor); a non-ProteinLLM folder raises ValueError.
+
+        `load_in_4bit`: the decoder in 4-bit NF4 (bitsandbytes), computing in `dtype` (default float32);
+        encoder and projector stay in full precision.
+        """
         from .configuration import ProteinLLMConfig
         from .modeling import ProteinLLM
         from .processing import ProteinLLMProcessor
@@ -83,9 +89,16 @@ class Answerer:
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype is not None and dtype not in dtypes:
             raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-        model = ProteinLLM.from_pretrained(folder, **({"dtype": dtypes[dtype]} if dtype else {}))
+        device = resolve_device(device)
+        options = {"dtype": dtypes[dtype]} if dtype else {}
+        if load_in_4bit:
+            from .quantization import nf4_config
+
+            options["quantization_config"] = nf4_config(dtypes[dtype] if dtype else torch.float32)
+            options["device_map"] = {"": device}
+        model = ProteinLLM.from_pretrained(folder, **options)
         processor = ProteinLLMProcessor.from_pretrained(folder)
-        return cls(model, processor, resolve_device(device))
+        return cls(model, processor, device)
 
     @property
     def max_residues(self) -> int:

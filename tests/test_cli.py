@@ -180,7 +180,7 @@ def fake_runs(root: Path) -> Path:
             "data": {"source": "demo", "path": None},
             "trainer": {"max_steps": 4},
             "stage1": {"lr": 1e-3, "max_steps": 120},
-            "stage2": {"lr": 2e-4, "llm": "lora", "train_encoder": False, "lora": {"r": 16, "alpha": 32},
+            "stage2": {"lr": 2e-4, "llm": "lora", "encoder": "frozen", "lora": {"r": 16, "alpha": 32},
                        "projector": str(stage1 / "projector.safetensors") if stage == 2 else None},
             "export": {"merge_adapter": True},
         }

@@ -1,8 +1,9 @@
 """The embedded demo set: ProteinLMDataset-format SFT records whose answers can only be read off the sequence.
 
 Every protein is random background with one planted feature (a functional motif, a transmembrane helix, or
-none) and a planted composition bias; the answers state the feature, the enriched residue, the net charge
-and the length. Deterministic for a seed; train and held-out proteins are disjoint.
+none) and a planted composition bias. Each protein gets four records, one per question type: its function
+(the planted feature), its most enriched residue, its net-charge class and its length class, four classes
+each. Deterministic for a seed; train and held-out proteins are disjoint.
 """
 
 from __future__ import annotations
@@ -46,8 +47,22 @@ FUNCTION_INSTRUCTION = (
 )
 FUNCTION_INPUT = "Presented here is a sequence of amino acids in a protein: {seq}"
 FUNCTION_OUTPUT = "The determined function(s) of the protein include(s): {function}."
-PROPERTIES_INSTRUCTION = "Describe the composition of this protein: its most enriched residue, net charge and length."
-PROPERTIES_OUTPUT = "It is rich in {residue_name} ({residue}), has a net charge of {charge:+d} at neutral pH and is {length} residues long."
+RESIDUE_INSTRUCTION = "Which amino acid is this protein most enriched in?"
+RESIDUE_OUTPUT = "It is rich in {residue_name} ({residue})."
+CHARGE_INSTRUCTION = "What is the net charge of this protein at neutral pH?"
+CHARGE_OUTPUT = "Its net charge at neutral pH is {charge_bin}."
+LENGTH_INSTRUCTION = "How long is this protein?"
+LENGTH_OUTPUT = "It is {length_bin} residues long."
+MIN_LENGTH, MAX_LENGTH = 40, 119
+# Four classes per question type, so every item can have four options (chance 25 %).
+CHARGE_BINS = ((-999, -6, "strongly negative (below -5)"), (-5, 0, "slightly negative or zero (-5 to 0)"),
+               (1, 5, "slightly positive (+1 to +5)"), (6, 999, "strongly positive (above +5)"))
+LENGTH_BINS = ((40, 59, "between 40 and 59"), (60, 79, "between 60 and 79"), (80, 99, "between 80 and 99"),
+               (100, 119, "between 100 and 119"))
+# ProteinLMDataset records carry their subset; the demo's subsets are its question types.
+QUESTION_TYPES = ("function", "enriched_residue", "net_charge", "length")
+DEMO_FORMAT = 2  # bump when the generator's output changes, so stale demo files are rewritten
+MANIFEST = "manifest.json"
 
 
 def _plant(rng: random.Random, feature: Feature, length: int) -> str:
@@ -98,7 +113,7 @@ def make_protein(rng: random.Random) -> dict:
     """One protein with exactly one planted feature (or none) and a clear most-enriched residue."""
     while True:
         feature = rng.choice(FEATURES)
-        length = rng.randrange(48, 121)
+        length = rng.randrange(MIN_LENGTH, MAX_LENGTH + 1)
         residue = rng.choice(sorted(RESIDUE_NAMES))
         residues = _enrich(rng, _plant(rng, feature, length), residue, fraction=0.2)
         present = _features_present(residues)
@@ -108,32 +123,47 @@ def make_protein(rng: random.Random) -> dict:
             return {"residues": residues, "feature": feature, "residue": residue}
 
 
+def _bin(value: int, bins) -> str:
+    for low, high, name in bins:
+        if low <= value <= high:
+            return name
+    raise ValueError(f"{value} lies outside every bin {[(low, high) for low, high, _ in bins]}")
+
+
+def charge_bin(residues: str) -> str:
+    """The net-charge class of `residues` (see `CHARGE_BINS`)."""
+    return _bin(net_charge(residues), CHARGE_BINS)
+
+
+def length_bin(residues: str) -> str:
+    """The length class of `residues` (see `LENGTH_BINS`)."""
+    return _bin(len(residues), LENGTH_BINS)
+
+
 def protein_records(protein: dict) -> list[dict]:
-    """The SFT records of one protein: a UniProt_Function-style record and a properties record."""
+    """The SFT records of one protein, one per question type (`QUESTION_TYPES`, in that order).
+
+    The function record is ProteinLMDataset's UniProt_Function template; the others ask one property each,
+    so each answer is one fact read off the sequence and the benchmark can score each kind separately.
+    """
     residues, feature = protein["residues"], protein["feature"]
     seq = format_sequence(residues)
-    function = {
-        "instruction": FUNCTION_INSTRUCTION,
-        "input": FUNCTION_INPUT.format(seq=seq),
-        "output": FUNCTION_OUTPUT.format(function=feature.function),
-        "subset": "Demo_Function",
-    }
-    properties = {
-        "instruction": PROPERTIES_INSTRUCTION,
-        "input": seq,
-        "output": PROPERTIES_OUTPUT.format(
-            residue_name=RESIDUE_NAMES[protein["residue"]],
-            residue=protein["residue"],
-            charge=net_charge(residues),
-            length=len(residues),
-        ),
-        "subset": "Demo_Properties",
-    }
-    return [function, properties]
+    answers = (
+        (FUNCTION_INSTRUCTION, FUNCTION_INPUT.format(seq=seq), FUNCTION_OUTPUT.format(function=feature.function)),
+        (RESIDUE_INSTRUCTION, seq, RESIDUE_OUTPUT.format(residue_name=RESIDUE_NAMES[protein["residue"]], residue=protein["residue"])),
+        (CHARGE_INSTRUCTION, seq, CHARGE_OUTPUT.format(charge_bin=charge_bin(residues))),
+        (LENGTH_INSTRUCTION, seq, LENGTH_OUTPUT.format(length_bin=length_bin(residues))),
+    )
+    return [
+        {"instruction": instruction, "input": input_text, "output": output, "subset": subset}
+        for subset, (instruction, input_text, output) in zip(QUESTION_TYPES, answers)
+    ]
 
 
-def write_demo_dataset(folder: str | Path, num_train: int = 800, num_heldout: int = 100, seed: int = 0) -> dict[str, Path]:
-    """Write `train.jsonl` and `heldout.jsonl` (two records per protein) under `folder`; return their paths.
+def write_demo_dataset(folder: str | Path, num_train: int = 800, num_heldout: int = 50, seed: int = 0) -> dict[str, Path]:
+    """Write `train.jsonl` and `heldout.jsonl` (one record per question type and protein) under `folder`.
+
+    Returns their paths.
 
     Held-out proteins never occur in train. Same seed → byte-identical files.
     """
@@ -158,13 +188,21 @@ def write_demo_dataset(folder: str | Path, num_train: int = 800, num_heldout: in
                     handle.write(json.dumps(record) + "\n")
         tmp.replace(path)
         paths[split] = path
+    manifest = {"format": DEMO_FORMAT, "seed": seed, "num_train": num_train, "num_heldout": num_heldout}
+    (folder / MANIFEST).write_text(json.dumps(manifest) + "\n")
     return paths
 
 
-def ensure_demo_dataset(folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """The demo files under `folder`, written once (the generator is deterministic, so reuse is safe)."""
+def ensure_demo_dataset(folder: str | Path, seed: int = 0, num_train: int = 800, num_heldout: int = 50) -> dict[str, Path]:
+    """The demo files under `folder`, written once (the generator is deterministic, so reuse is safe).
+
+    Files written by another generator version or with other settings (`manifest.json` says) are rewritten.
+    """
     folder = Path(folder)
     paths = {split: folder / f"{split}.jsonl" for split in ("train", "heldout")}
-    if not all(p.is_file() for p in paths.values()):
-        return write_demo_dataset(folder, seed=seed)
+    wanted = {"format": DEMO_FORMAT, "seed": seed, "num_train": num_train, "num_heldout": num_heldout}
+    manifest = folder / MANIFEST
+    current = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if current != wanted or not all(p.is_file() for p in paths.values()):
+        return write_demo_dataset(folder, num_train=num_train, num_heldout=num_heldout, seed=seed)
     return paths

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..data.records import RecordError, iter_raw_records, parse_record
-from ..sequences import ProteinSequenceError, find_seq_spans, normalize_sequence
+from ..sequences import ProteinSequenceError, find_seq_spans, format_sequence, normalize_sequence
 
 # The official ProteinLMBench zero-shot prompt (tsynbio/ProteinLMDataset, benchmark/benchmark_your_model.py),
 # byte for byte. "option 7" is the benchmark's "unsure" answer.
@@ -42,6 +42,7 @@ class BenchmarkItem:
     answer: int
     proteins: tuple[str, ...] = ()
     context: str = ""  # the prompt the options answer (sequence-grounded: the record's own SFT prompt)
+    category: str = ""  # the question type the report breaks accuracy down by (the record's "subset")
 
     @property
     def num_options(self) -> int:
@@ -243,6 +244,7 @@ class _Record:
     prompt: str
     output: str
     proteins: tuple[str, ...]
+    subset: str
 
 
 def _read_sft_record(raw, item_id: str) -> _Record:
@@ -256,7 +258,10 @@ def _read_sft_record(raw, item_id: str) -> _Record:
     if not proteins:
         raise ItemError("no_sequence", "the record holds no <seq> ... </seq> protein")
     user, assistant = conversation.turns[0].content, conversation.turns[1].content
-    return _Record(item_id, raw["instruction"].strip(), user.strip(), " ".join(assistant.split()), proteins)
+    subset = raw.get("subset", "")
+    if not isinstance(subset, str):
+        raise ItemError("wrong_type", f"field 'subset' must be a string, got {type(subset).__name__}")
+    return _Record(item_id, raw["instruction"].strip(), user.strip(), " ".join(assistant.split()), proteins, subset)
 
 
 def build_sequence_grounded(
@@ -319,12 +324,62 @@ def build_sequence_grounded(
         texts.insert(answer - 1, record.output)
         options = tuple(f"option {n}: {text}" for n, text in enumerate(texts, start=1))
         question = f"{record.prompt}\n{SEQUENCE_QUESTION}"
-        benchmark.items.append(BenchmarkItem(record.item_id, question, options, answer, record.proteins, record.prompt))
+        benchmark.items.append(
+            BenchmarkItem(record.item_id, question, options, answer, record.proteins, record.prompt, record.subset)
+        )
     return benchmark
+
+
+# --- the protein-ablation control
+
+
+def ablate_proteins(items: Sequence[BenchmarkItem], seed: int = 0, neighbours: int = 4) -> list[BenchmarkItem]:
+    """The same items, each item's protein replaced by another protein of the same set with a similar length.
+
+    If a model reads the sequence, its accuracy on these items falls to chance; if it still scores, the
+    score came from priors (question wording, option text). The replacement is drawn, with a seed of its
+    own per protein, from the `neighbours` proteins closest in length (itself excluded), so length alone
+    carries over: the length question is no control under this ablation. Every item of one protein gets
+    the same replacement, so its questions stay consistent with each other.
+    """
+    proteins = sorted({protein for item in items for protein in item.proteins}, key=lambda p: (len(p), p))
+    if len(proteins) < 2:
+        raise ValueError(f"the protein ablation needs at least 2 distinct proteins among the items, found {len(proteins)}")
+    neighbours = min(neighbours, len(proteins) - 1)
+    replacement = {}
+    for index, protein in enumerate(proteins):
+        nearby = sorted(
+            (other for other in range(len(proteins)) if other != index),
+            key=lambda other: (abs(len(proteins[other]) - len(protein)), abs(other - index)),
+        )[:neighbours]
+        pick = random.Random(f"{seed}/ablation/{protein}").choice(nearby)
+        replacement[protein] = proteins[pick]
+    return [_swap_proteins(item, replacement) for item in items]
+
+
+def _swap_proteins(item: BenchmarkItem, replacement: dict[str, str]) -> BenchmarkItem:
+    def rewrite(text: str) -> str:
+        # Rebuild the text span by span so only the sequences change, whatever spacing the record used.
+        pieces, last = [], 0
+        for span in find_seq_spans(text):
+            new = replacement.get(normalize_sequence(span.inner))
+            if new is None:
+                raise ValueError(f"item {item.item_id}: a <seq> span holds a protein not listed in item.proteins")
+            pieces += [text[last : span.start], format_sequence(new)]
+            last = span.end
+        return "".join(pieces) + text[last:]
+
+    return replace(
+        item,
+        question=rewrite(item.question),
+        context=rewrite(item.context),
+        proteins=tuple(replacement[p] for p in item.proteins),
+    )
 
 
 __all__ = [
     "ANSWER_ANCHOR",
+    "ablate_proteins",
     "OFFICIAL_INSTRUCTION",
     "Benchmark",
     "BenchmarkItem",

@@ -8,6 +8,10 @@ from typing import Literal
 from .arms import DTYPES
 
 BENCHMARK_NAMES = ("proteinlmbench", "sequence_grounded")
+MODES = ("loglik", "generate", "description")
+ABLATIONS = ("none", "shuffle")
+MODEL_ARM, BASELINE_ARM, RETRIEVAL_ARM = "model", "baseline", "retrieval"
+ABLATED_SUFFIX = "_ablated"
 DEMO_MODEL = "checkpoints/smollm2-demo-stage2/export"
 DEMO_BASELINE = "checkpoints/text-only-stage2/export"
 DEMO_HELDOUT = "checkpoints/demo-data/heldout.jsonl"
@@ -18,6 +22,9 @@ DEMO_TRAIN = "checkpoints/demo-data/train.jsonl"
 class BenchmarkConfig:
     name: Literal["proteinlmbench", "sequence_grounded"] = "sequence_grounded"
     """Which benchmark: ProteinLMBench, or "which description fits this protein?" items from SFT records."""
+    label: str = "sequence_grounded"
+    """What this setup is called (its eval config's file name: "sequence_grounded", "scl2205", ...); the
+    default output folder is checkpoints/eval/<label>."""
     path: str = DEMO_HELDOUT
     """A local file (.json/.jsonl/.parquet, and .csv for ProteinLMBench) or, for ProteinLMBench, a hub dataset id."""
     hub_config: str = "evaluation"
@@ -30,6 +37,16 @@ class BenchmarkConfig:
     """sequence_grounded: options per item (the answer and num_options - 1 other descriptions)."""
     seed: int = 0
     """sequence_grounded: seed of the distractor draw."""
+    retrieval: bool = False
+    """sequence_grounded: also score a retrieval arm, which answers with the descriptions of the training
+    protein nearest by alignment identity (see protein_llava.evaluation.retrieval); needs `train_paths`."""
+    retrieval_candidates: int | None = 50
+    """Training proteins aligned per item (and per option) after the 3-mer prefilter; null: all of them."""
+    default_mode: Literal["loglik", "generate", "description"] = "loglik"
+    """The scoring this benchmark is meant for (eval.yaml's `mode` defaults to it): ProteinLMBench asks for
+    option numbers (loglik); SFT-derived items score each option's text as the reply (description)."""
+    default_ablation: Literal["none", "shuffle"] = "none"
+    """The protein-ablation control eval.yaml's `ablation` defaults to (shuffle where items carry proteins)."""
 
     def __post_init__(self):
         if self.name not in BENCHMARK_NAMES:
@@ -39,6 +56,14 @@ class BenchmarkConfig:
         if self.num_options < 2:
             raise ValueError(f"benchmark.num_options must be >= 2, got {self.num_options}")
         self.train_paths = [str(p) for p in self.train_paths or []]
+        if self.retrieval and (self.name != "sequence_grounded" or not self.train_paths):
+            raise ValueError("benchmark.retrieval=true needs benchmark.name=sequence_grounded and benchmark.train_paths")
+        if self.retrieval_candidates is not None and self.retrieval_candidates < 1:
+            raise ValueError(f"benchmark.retrieval_candidates must be >= 1 or null, got {self.retrieval_candidates}")
+        if self.default_ablation not in ABLATIONS:
+            raise ValueError(f"benchmark.default_ablation must be one of {ABLATIONS}, got {self.default_ablation!r}")
+        if self.default_mode not in MODES:
+            raise ValueError(f"benchmark.default_mode must be one of {MODES}, got {self.default_mode!r}")
 
 
 @dataclass
@@ -68,6 +93,10 @@ class EvalConfig:
     """generate: 0 is greedy; > 0 samples at that temperature (the paper used 0.1), seeded by `seed`."""
     permutations: bool = False
     """loglik: also score each item under every cyclic shift of its options and average the probabilities."""
+    ablation: Literal["none", "shuffle"] = "none"
+    """shuffle: also score every arm on the same items with each item's protein replaced by another protein
+    of the benchmark with a similar length (`benchmark.ablate_proteins`); a model that reads the sequence
+    falls to chance there. Reported as arms named `<arm>_ablated`."""
     seed: int = 0
     """Seed of sampling and of the bootstrap."""
     bootstrap_samples: int = 1000
@@ -88,8 +117,12 @@ class EvalConfig:
             raise ValueError("model is empty: give a model folder or 'smollm2'")
         if self.baseline in ("", "null", "none", "None"):
             self.baseline = None
-        if self.mode not in ("loglik", "generate", "description"):
+        if self.mode not in MODES:
             raise ValueError(f"mode must be 'loglik', 'generate' or 'description', got {self.mode!r}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be 'none' or 'shuffle', got {self.ablation!r}")
+        if self.ablation == "shuffle" and self.benchmark.name != "sequence_grounded":
+            raise ValueError("ablation=shuffle swaps the items' proteins: it needs benchmark.name=sequence_grounded")
         if self.prompt_format not in ("raw", "chat"):
             raise ValueError(f"prompt_format must be 'raw' or 'chat', got {self.prompt_format!r}")
         if self.limit is not None and self.limit < 1:
@@ -113,9 +146,9 @@ class EvalConfig:
 
     def arm_sources(self) -> dict[str, str]:
         """{arm name: model source}, the model first."""
-        arms = {"model": self.model}
+        arms = {MODEL_ARM: self.model}
         if self.baseline is not None:
-            arms["baseline"] = self.baseline
+            arms[BASELINE_ARM] = self.baseline
         return arms
 
 
@@ -127,4 +160,13 @@ def _known(cls, values: dict, where: str) -> dict:
     return dict(values)
 
 
-__all__ = ["BENCHMARK_NAMES", "BenchmarkConfig", "EvalConfig"]
+__all__ = [
+    "ABLATED_SUFFIX",
+    "BASELINE_ARM",
+    "BENCHMARK_NAMES",
+    "MODEL_ARM",
+    "MODES",
+    "RETRIEVAL_ARM",
+    "BenchmarkConfig",
+    "EvalConfig",
+]

@@ -9,7 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .benchmarks import Benchmark
+from .benchmarks import Benchmark, BenchmarkItem
+from .config import BASELINE_ARM, MODEL_ARM
 from .statistics import accuracy, bootstrap_ci, mcnemar_exact
 
 if TYPE_CHECKING:
@@ -46,9 +47,48 @@ def summarize_arm(predictions: list[dict], n_flagged: int, bootstrap_samples: in
     return summary
 
 
+ALL_TYPES = "all"
+
+
+def _accuracy_entry(items: list[BenchmarkItem], predictions: list[dict], bootstrap_samples: int, seed: int) -> dict:
+    correct = [p["correct"] for p in predictions]
+    interval = bootstrap_ci(correct, bootstrap_samples, seed)
+    return {
+        "accuracy": accuracy(correct),
+        "ci95": list(interval) if interval else None,
+        "n": len(items),
+        "chance": sum(1 / item.num_options for item in items) / len(items) if items else None,
+    }
+
+
+def summarize_by_category(
+    items: list[BenchmarkItem], predictions: list[dict], bootstrap_samples: int = 1000, seed: int = 0
+) -> dict[str, dict]:
+    """Per question type (`item.category`): accuracy, its 95% interval, n and chance; {} if items have none."""
+    groups: dict[str, list[tuple[BenchmarkItem, dict]]] = {}
+    for item, prediction in zip(items, predictions, strict=True):
+        if item.category:
+            groups.setdefault(item.category, []).append((item, prediction))
+    return {
+        category: _accuracy_entry([i for i, _ in pairs], [p for _, p in pairs], bootstrap_samples, seed)
+        for category, pairs in groups.items()
+    }
+
+
+def accuracy_by_type(
+    items: list[BenchmarkItem], predictions: dict[str, dict], bootstrap_samples: int = 1000, seed: int = 0
+) -> dict[str, dict]:
+    """{"all" | question type: {"accuracy", "ci95", "n", "chance"}}; `predictions` keyed by item id."""
+    ordered = [predictions[item.item_id] for item in items]
+    return {
+        ALL_TYPES: _accuracy_entry(list(items), ordered, bootstrap_samples, seed),
+        **summarize_by_category(list(items), ordered, bootstrap_samples, seed),
+    }
+
+
 def build_report(benchmark: Benchmark, results: list[ArmResult], config: EvalConfig) -> tuple[dict, list[dict], list[dict]]:
     """(report, per-item predictions, flagged entries). Only items every arm could read are scored, so
-    the arms' outcomes pair up item by item."""
+    the arms' outcomes pair up item by item. The exact McNemar test pairs the model with the baseline."""
     flagged = list(benchmark.flagged)
     unreadable_ids = set()
     for result in results:
@@ -65,8 +105,9 @@ def build_report(benchmark: Benchmark, results: list[ArmResult], config: EvalCon
             "source": result.source,
             "multimodal": result.multimodal,
             **summarize_arm(arm_predictions, n_flagged, config.bootstrap_samples, config.seed),
+            "by_category": summarize_by_category(items, arm_predictions, config.bootstrap_samples, config.seed),
         }
-        predictions += [{"arm": result.name, **p} for p in arm_predictions]
+        predictions += [{"arm": result.name, "category": item.category, **p} for item, p in zip(items, arm_predictions)]
     report = {
         "benchmark": {
             "name": benchmark.name,
@@ -81,8 +122,9 @@ def build_report(benchmark: Benchmark, results: list[ArmResult], config: EvalCon
         "settings": asdict(config),
         "arms": arms,
     }
-    if len(results) == 2:
-        first, second = results
+    by_name = {result.name: result for result in results}
+    if MODEL_ARM in by_name and BASELINE_ARM in by_name:
+        first, second = by_name[MODEL_ARM], by_name[BASELINE_ARM]
         paired = {
             key: [
                 [result.predictions[item.item_id][key] for item in items] for result in (first, second)
@@ -98,7 +140,7 @@ def build_report(benchmark: Benchmark, results: list[ArmResult], config: EvalCon
             "p_value": test.p_value,
         }
         report["mcnemar_p"] = test.p_value
-        for result in results:
+        for result in (first, second):
             arms[result.name]["mcnemar_p"] = test.p_value
         if "correct_permuted" in paired:
             report["mcnemar"]["p_value_permuted"] = mcnemar_exact(*paired["correct_permuted"]).p_value
@@ -143,6 +185,23 @@ def render_markdown(report: dict) -> str:
             f"({test[f'only_{first}_correct']} items only {first} got right, "
             f"{test[f'only_{second}_correct']} only {second}).",
         ]
+    categories = sorted({category for arm in arms.values() for category in arm.get("by_category", {})})
+    if categories:
+        lines += [
+            "",
+            "## By question type (accuracy, 95% CI)",
+            "",
+            "| arm | " + " | ".join(categories) + " |",
+            "|---" * (len(categories) + 1) + "|",
+        ]
+        for name, arm in arms.items():
+            cells = []
+            for category in categories:
+                entry = arm["by_category"].get(category)
+                cells.append("n/a" if entry is None else f"{_percent(entry['accuracy'])} {_interval(entry['ci95'])}, n={entry['n']}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        chance = {c: next(a["by_category"][c]["chance"] for a in arms.values() if c in a["by_category"]) for c in categories}
+        lines.append("| chance | " + " | ".join(_percent(chance[c]) for c in categories) + " |")
     columns = [(name, arm["predicted_distribution"]) for name, arm in arms.items()]
     if permuted:
         columns += [(f"{name} (permuted)", arm["predicted_distribution_permuted"]) for name, arm in arms.items()]
@@ -215,4 +274,13 @@ def write_report(report: dict, predictions: list[dict], flagged: list[dict], out
     return paths
 
 
-__all__ = ["build_report", "plot_report", "render_markdown", "summarize_arm", "write_report"]
+__all__ = [
+    "ALL_TYPES",
+    "accuracy_by_type",
+    "build_report",
+    "plot_report",
+    "render_markdown",
+    "summarize_arm",
+    "summarize_by_category",
+    "write_report",
+]

@@ -13,6 +13,7 @@ from .benchmarks import (
     Benchmark,
     BenchmarkItem,
     FlaggedItem,
+    ablate_proteins,
     build_sequence_grounded,
     cyclic_shift,
     first_integer,
@@ -20,8 +21,9 @@ from .benchmarks import (
     official_prompt,
     option_text,
 )
-from .config import BenchmarkConfig, EvalConfig
+from .config import ABLATED_SUFFIX, RETRIEVAL_ARM, BenchmarkConfig, EvalConfig
 from .report import build_report, write_report
+from .retrieval import load_training_proteins, retrieval_predictions
 from .scoring import generate_answers, option_probabilities, score_continuations, score_options
 
 
@@ -52,9 +54,12 @@ def item_prompt(arm: Arm, item: BenchmarkItem, config: EvalConfig) -> str:
     return arm.render(official_prompt(item.question, item.options), config.prompt_format, assistant_prefix=prefix)
 
 
-def evaluate_arm(arm: Arm, items: list[BenchmarkItem], config: EvalConfig) -> ArmResult:
-    """Score `items` with `arm`: per item the predicted option number and whether it is the gold one."""
-    result = ArmResult(arm.name, arm.source, arm.multimodal)
+def evaluate_arm(arm: Arm, items: list[BenchmarkItem], config: EvalConfig, name: str | None = None) -> ArmResult:
+    """Score `items` with `arm`: per item the predicted option number and whether it is the gold one.
+
+    `name` names the result (default: the arm's name), e.g. for the same arm on the ablated items.
+    """
+    result = ArmResult(name or arm.name, arm.source, arm.multimodal)
     readable = []
     for item in items:
         reason = arm.problem(official_prompt(item.question, item.options))
@@ -142,14 +147,24 @@ def run_evaluation(config: EvalConfig) -> dict:
     for name, source in config.arm_sources().items():
         check_model_source(source, name)
     benchmark = load_benchmark(config.benchmark, config.limit)
+    item_sets = {"": benchmark.items}
+    if config.ablation == "shuffle":
+        item_sets[ABLATED_SUFFIX] = ablate_proteins(benchmark.items, seed=config.seed)
     results = []
     for name, source in config.arm_sources().items():
         arm = load_arm(name, source, config.dtype, config.device, config.attn_implementation)
-        results.append(evaluate_arm(arm, benchmark.items, config))
+        for suffix, items in item_sets.items():
+            results.append(evaluate_arm(arm, items, config, name=name + suffix))
         del arm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if config.benchmark.retrieval:
+        training = load_training_proteins(config.benchmark.train_paths)
+        source = f"nearest of {len(training.residues)} training proteins by alignment identity"
+        for suffix, items in item_sets.items():
+            predictions = retrieval_predictions(items, training, candidates=config.benchmark.retrieval_candidates)
+            results.append(ArmResult(RETRIEVAL_ARM + suffix, source, multimodal=False, predictions=predictions))
     report, predictions, flagged = build_report(benchmark, results, config)
     write_report(report, predictions, flagged, config.out)
     return report

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..loss import causal_lm_loss
 from ..modeling import ProteinLLM
+from ..quantization import compute_dtype, keep_training_layout
 from .optim import NonFiniteGuard, OptimConfig, check_trainable_keys_present, configure_adamw, trainable_state_dict
 
 LLMTraining = Literal["lora", "qlora", "full", "frozen"]
@@ -40,39 +41,70 @@ class LoraSettings:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
-def apply_stage2_training(
-    model: nn.Module, llm: LLMTraining, lora: LoraSettings, train_encoder: bool = False
-) -> nn.Module:
-    """Set what trains in stage 2 and wrap the decoder with LoRA when asked. Returns the model to train.
+EncoderTraining = Literal["frozen", "lora", "full"]
+# fair-esm's TransformerLayer: attention projections and the feed-forward pair (its LM head stays out).
+ESM2_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
-    For a ProteinLLM the projector always trains; `train_encoder` unfreezes ESM-2 too. For a bare decoder
+
+def apply_stage2_training(
+    model: nn.Module, llm: LLMTraining, lora: LoraSettings, encoder: EncoderTraining = "frozen"
+) -> nn.Module:
+    """Set what trains in stage 2 and wrap the decoder (and, asked, the encoder) with LoRA. Returns the model to train.
+
+    For a ProteinLLM the projector always trains; `encoder` keeps ESM-2 frozen, puts LoRA adapters with the
+    same settings on its attention and feed-forward layers, or trains it whole. For a bare decoder
     (text-only arm) the returned model is the peft-wrapped decoder.
     """
     if llm not in ("lora", "qlora", "full", "frozen"):
         raise ValueError(f"stage2.llm must be one of lora, qlora, full, frozen; got {llm!r}")
+    if encoder not in ("frozen", "lora", "full"):
+        raise ValueError(f"stage2.encoder must be one of frozen, lora, full; got {encoder!r}")
     if isinstance(model, ProteinLLM):
-        model.set_trainable(encoder=train_encoder, projector=True, llm=llm == "full")
+        model.set_trainable(encoder=encoder == "full", projector=True, llm=llm == "full")
         if llm in ("lora", "qlora"):
             model.language_model = _wrap_lora(model.language_model, lora, quantized=llm == "qlora")
+        if encoder == "lora":
+            model.protein_encoder.esm = _wrap_encoder_lora(model.protein_encoder.esm, lora)
         return model
-    if train_encoder:
-        raise ValueError("stage2.train_encoder=true needs a multimodal model; the text-only arm has no encoder")
+    if encoder != "frozen":
+        raise ValueError(f"stage2.encoder={encoder} needs a multimodal model; the text-only arm has no encoder")
     if llm == "frozen":
         raise ValueError("the text-only arm trains only the decoder: stage2.llm=frozen would train nothing")
     model.requires_grad_(llm == "full")
     return _wrap_lora(model, lora, quantized=llm == "qlora") if llm in ("lora", "qlora") else model
 
 
+def _wrap_encoder_lora(esm2: nn.Module, lora: LoraSettings) -> nn.Module:
+    """fair-esm's ESM2 inside a peft model with LoRA on every layer's linear maps (`ESM2_LORA_TARGETS`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(ESM2_LORA_TARGETS))
+    return get_peft_model(esm2, config)
+
+
 def _wrap_lora(language_model: nn.Module, lora: LoraSettings, quantized: bool) -> nn.Module:
+    """The decoder inside a peft model with LoRA on `lora.target_modules`.
+
+    `quantized` (QLoRA): the decoder is 4-bit; peft's k-bit preparation freezes it and upcasts its norms to
+    float32, and the adapters are cast to the 4-bit layers' compute dtype, as in the QLoRA reference code.
+    Its weights keep the trainable layout on CPU (see `quantization.keep_training_layout`).
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
+        keep_training_layout(language_model)
         language_model = prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
     target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, task_type="CAUSAL_LM"
     )
-    return get_peft_model(language_model, config)
+    wrapped = get_peft_model(language_model, config)
+    if quantized:
+        dtype = compute_dtype(wrapped)
+        for name, parameter in wrapped.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.to(dtype)
+    return wrapped
 
 
 class Stage2Module(L.LightningModule):

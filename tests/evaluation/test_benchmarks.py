@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from protein_llava.data.demo import write_demo_dataset
+from protein_llava.data.demo import QUESTION_TYPES, write_demo_dataset
 from protein_llava.evaluation.benchmarks import (
     BenchmarkItem,
     ItemError,
+    ablate_proteins,
     build_sequence_grounded,
     cyclic_shift,
     first_integer,
@@ -208,8 +209,45 @@ def test_sequence_grounded_items(tmp_path):
 def test_demo_heldout_never_overlaps_train(tmp_path):
     paths = write_demo_dataset(tmp_path, num_train=30, num_heldout=10, seed=0)
     benchmark = build_sequence_grounded(str(paths["heldout"]), [str(paths["train"])])
-    assert len(benchmark.items) == 20 and not benchmark.flagged
+    # 10 proteins × 4 question types; a type whose 10 answers hold fewer than 4 classes has too few distractors.
+    assert len(benchmark.items) + benchmark.flag_counts().get("too_few_distractors", 0) == 40
+    assert set(benchmark.flag_counts()) <= {"too_few_distractors"}
     # Checking held-out against itself flags every item.
     against_itself = build_sequence_grounded(str(paths["heldout"]), [str(paths["heldout"])])
-    assert against_itself.flag_counts() == {"seen_in_training": 20}
+    assert against_itself.flag_counts() == {"seen_in_training": 40}
     assert len(training_sequences([str(paths["train"])])) == 30
+
+
+def test_items_carry_their_question_type(tmp_path):
+    paths = write_demo_dataset(tmp_path, num_train=30, num_heldout=30, seed=0)
+    benchmark = build_sequence_grounded(str(paths["heldout"]), [str(paths["train"])])
+    assert not benchmark.flagged and len(benchmark.items) == 120
+    assert [item.category for item in benchmark.items[:4]] == list(QUESTION_TYPES)
+    assert {item.num_options for item in benchmark.items} == {4}
+    # Without a subset field, an item has no category (and the report no per-type table).
+    records = [sft_record(seq, f"function {i}") for i, seq in enumerate(["MKTAY", "GDSLK", "PKKKRKV", "KDELA"])]
+    plain = build_sequence_grounded(write_jsonl(tmp_path / "plain.jsonl", records), num_options=4)
+    assert {item.category for item in plain.items} == {""}
+
+
+def test_ablation_swaps_each_protein_for_another_of_similar_length(tmp_path):
+    paths = write_demo_dataset(tmp_path, num_train=10, num_heldout=40, seed=0)
+    items = build_sequence_grounded(str(paths["heldout"]), [str(paths["train"])]).items
+    ablated = ablate_proteins(items, seed=0)
+    assert ablated == ablate_proteins(items, seed=0) and ablated != ablate_proteins(items, seed=1)
+    lengths = sorted(len(p) for p in {i.proteins[0] for i in items})
+    gaps = [b - a for a, b in zip(lengths, lengths[1:])]
+    replacement = {}
+    for before, after in zip(items, ablated, strict=True):
+        (old,), (new,) = before.proteins, after.proteins
+        assert new != old and new in {i.proteins[0] for i in items}
+        # Among the 4 nearest lengths: never further than the 4 largest neighbouring gaps added up.
+        assert abs(len(new) - len(old)) <= sum(sorted(gaps)[-4:])
+        assert replacement.setdefault(old, new) == new  # one replacement per protein, for all its questions
+        # Only the sequence changes: options, answer, question type and the surrounding text stay.
+        assert (after.options, after.answer, after.category, after.item_id) == (before.options, before.answer, before.category, before.item_id)
+        assert after.question == before.question.replace(format_sequence(old), format_sequence(new))
+        assert after.context == before.context.replace(format_sequence(old), format_sequence(new))
+        assert format_sequence(old) not in after.question
+    with pytest.raises(ValueError, match="at least 2 distinct proteins"):
+        ablate_proteins([i for i in items if i.proteins == items[0].proteins])

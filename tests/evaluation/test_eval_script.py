@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from protein_llava.builders import build_tiny
-from protein_llava.evaluation.config import DEMO_BASELINE, DEMO_HELDOUT, DEMO_MODEL, DEMO_TRAIN, EvalConfig
+from protein_llava.evaluation.config import BENCHMARK_NAMES, DEMO_BASELINE, DEMO_HELDOUT, DEMO_MODEL, DEMO_TRAIN, EvalConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "eval"
@@ -36,13 +36,17 @@ def compose_config(*overrides: str) -> EvalConfig:
 @pytest.mark.parametrize("benchmark", sorted(p.stem for p in (CONFIG_DIR / "benchmark").glob("*.yaml")))
 def test_every_config_composes(benchmark):
     config = compose_config(f"benchmark={benchmark}")
-    assert config.benchmark.name == benchmark
+    assert config.benchmark.name in BENCHMARK_NAMES and config.benchmark.label == benchmark
     assert config.out == f"checkpoints/eval/{benchmark}"
 
 
 def test_defaults_are_the_demo():
     config = compose_config()
-    assert (config.model, config.baseline, config.mode, config.prompt_format) == (DEMO_MODEL, DEMO_BASELINE, "loglik", "raw")
+    # The demo scores what SFT trained (each option's text as the reply), with the protein-ablation control.
+    assert (config.model, config.baseline, config.mode, config.prompt_format) == (DEMO_MODEL, DEMO_BASELINE, "description", "raw")
+    assert (config.ablation, config.benchmark.retrieval) == ("shuffle", True)
+    assert compose_config("benchmark=proteinlmbench").mode == "loglik"
+    assert compose_config("benchmark=proteinlmbench").ablation == "none"
     assert (config.benchmark.name, config.benchmark.path, config.benchmark.train_paths) == (
         "sequence_grounded", DEMO_HELDOUT, [DEMO_TRAIN],
     )
@@ -79,7 +83,7 @@ def test_eval_end_to_end(tmp_path):
     assert 0.0 <= report["mcnemar_p"] <= 1.0
     for name in ("report.md", "report.png", "predictions.jsonl", "flagged.jsonl"):
         assert (out / name).stat().st_size > 0
-    assert "model: accuracy" in result.stdout
+    assert "model (multimodal): accuracy" in result.stdout and "baseline (text-only): accuracy" in result.stdout
 
 
 @pytest.mark.slow

@@ -126,3 +126,37 @@ def test_missing_model_fails_before_loading(folders, bench_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="baseline folder /no/such/folder does not exist"):
         run_evaluation(config(folders, bench_file, tmp_path, baseline="/no/such/folder"))
     assert not (tmp_path / "report.json").exists()
+
+
+def test_sequence_grounded_run_has_retrieval_ablated_arms_and_question_types(folders, tmp_path):
+    from protein_llava.data.demo import QUESTION_TYPES, write_demo_dataset
+
+    paths = write_demo_dataset(tmp_path / "demo", num_train=40, num_heldout=12, seed=0)
+    benchmark = BenchmarkConfig(
+        name="sequence_grounded", path=str(paths["heldout"]), train_paths=[str(paths["train"])], retrieval=True
+    )
+    report = run_evaluation(
+        config(folders, "unused.json", tmp_path / "out", benchmark=benchmark, mode="description", ablation="shuffle", limit=24)
+    )
+    arms = report["arms"]
+    assert list(arms) == ["model", "model_ablated", "baseline", "baseline_ablated", "retrieval", "retrieval_ablated"]
+    n = report["benchmark"]["n_scored"]
+    assert n + report["benchmark"]["n_flagged"] == 24
+    for name, arm in arms.items():
+        assert arm["n_scored"] == n, name
+        by_type = arm["by_category"]
+        assert set(by_type) <= set(QUESTION_TYPES) and sum(v["n"] for v in by_type.values()) == n
+        assert all(v["chance"] == 0.25 for v in by_type.values())
+    # McNemar pairs the model with the baseline, not with the ablated or retrieval arms.
+    assert report["mcnemar"]["arms"] == ["model", "baseline"]
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    retrieval = [p for p in predictions if p["arm"] == "retrieval"]
+    assert len(retrieval) == n and all(0.0 <= p["max_identity"] <= 1.0 for p in retrieval)
+    assert "## By question type" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_ablation_needs_items_with_proteins():
+    with pytest.raises(ValueError, match="ablation=shuffle .* needs benchmark.name=sequence_grounded"):
+        EvalConfig(benchmark=BenchmarkConfig(name="proteinlmbench", path="x.json"), ablation="shuffle")
+    with pytest.raises(ValueError, match="retrieval=true needs"):
+        BenchmarkConfig(name="sequence_grounded", path="x.jsonl", retrieval=True)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
 from protein_llava.training.run import check_config, train
+from protein_llava.training.stage2 import ESM2_LORA_TARGETS, LoraSettings, apply_stage2_training
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "train"
@@ -59,7 +60,7 @@ def test_stage1_outputs_and_what_it_trained(two_stage_run):
             assert torch.equal(tensor, before), f"{name} changed in stage 1"
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
     report = json.loads((run / "data_report.json").read_text())
-    assert report["train"]["kept"] == 1600 and report["train"]["skipped"] == {}
+    assert report["train"]["kept"] == 3200 and report["train"]["skipped"] == {}  # 800 proteins × 4 question types
 
 
 def test_stage2_trains_projector_and_lora_then_exports_merged(two_stage_run):
@@ -75,6 +76,32 @@ def test_stage2_trains_projector_and_lora_then_exports_merged(two_stage_run):
     processor = ProteinLLMProcessor.from_pretrained(run / "export")
     out = exported.generate(**processor(text=["<seq> M K T </seq> What?"]), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 0
+
+
+def test_stage2_encoder_lora_trains_adapters_and_exports_a_plain_esm2(two_stage_run, tmp_path):
+    stage1 = ProteinLLM.from_pretrained(two_stage_run / "tiny-stage1" / "export")
+    overrides = ["model=tiny", "trainer.max_steps=4", f"checkpoints_dir={two_stage_run}", "checkpoint_every=100",
+                 "stage=2", "stage2.encoder=lora", f"out={tmp_path / 'run'}"]
+    summary = train(compose_train(overrides))
+    assert summary["steps"] == 4
+    run = tmp_path / "run"
+    assert (run / "encoder_adapter" / "adapter_model.safetensors").is_file()
+    exported = ProteinLLM.from_pretrained(run / "export").eval()
+    # A plain fair-esm ESM2 again (same keys as before), its LoRA deltas merged into the linear layers only.
+    assert set(exported.state_dict()) == set(stage1.state_dict())
+    changed = {k for k, v in exported.state_dict().items() if not torch.equal(v, stage1.state_dict()[k])}
+    encoder_changed = {k for k in changed if k.startswith("protein_encoder.")}
+    assert encoder_changed and all(k.rsplit(".", 2)[-2] in ESM2_LORA_TARGETS for k in encoder_changed)
+    assert not any("embed_tokens" in k or "layer_norm" in k for k in encoder_changed)
+
+
+def test_stage2_encoder_setting_is_checked(tmp_path):
+    model, _ = build_tiny(seed=0)
+    with pytest.raises(ValueError, match="stage2.encoder must be one of frozen, lora, full"):
+        apply_stage2_training(model, "lora", LoraSettings(), encoder="partial")
+    decoder = build_tiny(seed=0)[0].language_model
+    with pytest.raises(ValueError, match="stage2.encoder=lora needs a multimodal model"):
+        apply_stage2_training(decoder, "lora", LoraSettings(), encoder="lora")
 
 
 def test_stage2_refuses_a_missing_or_mismatched_projector(two_stage_run, tmp_path):

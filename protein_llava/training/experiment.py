@@ -1,0 +1,322 @@
+"""The learning experiment: does the model learn to read proteins, and does it beat reading them as text?
+
+One seed per run (`python experiment.py --seed N`, `make experiment SEED=N`):
+
+1. The demo set for that seed (`data.demo`): proteins whose answers can only be read off the sequence,
+   four question types, held-out proteins disjoint from training.
+2. A retrieval arm (no training): each item answered with the descriptions of the training protein nearest
+   by alignment identity; each item's highest identity to any training protein is recorded (leakage).
+3. The multimodal arm: stage 1 (projector alignment) then stage 2 (projector + LoRA), and the text-only arm
+   (the same decoder, LoRA, the same records with sequences inline as text) for the same number of
+   optimizer steps and the same batch size. Held-out accuracy is scored at fixed steps while they train.
+4. At the last step every arm is also scored with each item's protein swapped for another held-out
+   protein of similar length (the ablation control: a model that reads the sequence falls to chance).
+
+Writes `results.json` (keyed by arm, then question type: accuracy, ci95, n), `report.md` and `curves.png`
+under the seed's folder, then `summary.json` / `summary.md` over every seed folder next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..data.demo import QUESTION_TYPES, ensure_demo_dataset
+from ..evaluation.benchmarks import ablate_proteins, build_sequence_grounded
+from ..evaluation.report import ALL_TYPES, accuracy_by_type
+from ..evaluation.retrieval import load_training_proteins, retrieval_predictions, summarise_identity
+from .heldout import HeldOutEvaluation
+
+ARMS = ("multimodal", "text_only", "multimodal_encoder_lora")
+ABLATED = "_ablated"
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings of one learning-experiment run.
+
+    Fields:
+        seed: seeds the demo data, the distractor draw, the ablation and training.
+        out: the seed's folder; results land there, the seeds' summary in its parent.
+        train_config_dir: the folder of train.py's Hydra configs (`configs/train`).
+        num_train / num_heldout: demo proteins (four records each).
+        heldout_items: benchmark items scored (the first N: N / 4 held-out proteins, every question type).
+        stage1_steps / stage2_steps: the multimodal arm's optimizer steps per stage; the text-only arm
+            trains stage1_steps + stage2_steps steps of stage 2.
+        eval_every: held-out accuracy every N steps (and at step 0 and the last step).
+        arms: which trained arms to run (see `ARMS`); the retrieval arm always runs.
+        train_overrides: extra Hydra overrides for every training run (e.g. "data.batch_size=8").
+    """
+
+    seed: int = 0
+    out: str = "checkpoints/experiment/seed0"
+    train_config_dir: str = "configs/train"
+    num_train: int = 800
+    num_heldout: int = 100
+    heldout_items: int = 160
+    stage1_steps: int = 60
+    stage2_steps: int = 120
+    eval_every: int = 60
+    arms: tuple[str, ...] = ("multimodal", "text_only")
+    train_overrides: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.arms = tuple(self.arms)
+        self.train_overrides = tuple(self.train_overrides)
+        unknown = [arm for arm in self.arms if arm not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arms {unknown}; choose from {ARMS}")
+        for name in ("num_train", "num_heldout", "heldout_items", "stage1_steps", "stage2_steps", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not Path(self.train_config_dir, "train.yaml").is_file():
+            raise FileNotFoundError(f"train_config_dir={self.train_config_dir} holds no train.yaml")
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+
+def eval_steps(total: int, every: int) -> list[int]:
+    """0, every, 2 * every, ... and `total` itself."""
+    return sorted({*range(0, total, every), total})
+
+
+def compose_train_config(config_dir: str, overrides: Sequence[str]):
+    """train.py's config with `overrides`, composed by Hydra exactly as `python train.py OVERRIDES` would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@dataclass
+class ArmRun:
+    """What training one arm produced: held-out records at each step and the final predictions."""
+
+    records: list[dict] = field(default_factory=list)
+    final_predictions: dict[str, dict[str, dict]] = field(default_factory=dict)
+    wall_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _train(config: ExperimentConfig, overrides: list[str], callback: HeldOutEvaluation, label: str, run: ArmRun) -> None:
+    from .run import train
+
+    started = time.perf_counter()
+    train(compose_train_config(config.train_config_dir, overrides), callbacks=[callback])
+    run.wall_seconds[label] = round(time.perf_counter() - started, 1)
+    run.records += callback.records
+    run.final_predictions.update(callback.final_predictions)
+
+
+def run_arm(arm: str, config: ExperimentConfig, items, ablated) -> ArmRun:
+    """Train `arm` (see `ARMS`) on the seed's demo data, scoring `items` along the way."""
+    out = Path(config.out)
+    common = [
+        f"seed={config.seed}",
+        f"checkpoints_dir={out}",
+        f"data.demo_seed={config.seed}",
+        "checkpoint_every=1000000",  # the experiment never resumes; skip writing Lightning checkpoints
+        *config.train_overrides,
+    ]
+    steps = eval_steps(config.total_steps, config.eval_every)
+    run = ArmRun()
+    if arm == "text_only":
+        callback = HeldOutEvaluation(
+            arm, items, steps, ablated_items=ablated, final_step=config.total_steps, seed=config.seed
+        )
+        overrides = [*common, "stage=2", "model=text-only", f"stage2.max_steps={config.total_steps}", f"out={out / arm}"]
+        _train(config, overrides, callback, "stage2", run)
+        return run
+    stage1_projector = out / "multimodal" / "stage1" / "projector.safetensors"
+    if arm == "multimodal" or not stage1_projector.is_file():
+        # Stage 1 is shared: the encoder-LoRA arm reuses the multimodal arm's stage 1 when it exists.
+        stage1_steps = [s for s in steps if s <= config.stage1_steps]
+        callback = HeldOutEvaluation(arm, items, stage1_steps, seed=config.seed)
+        overrides = [*common, "stage=1", f"stage1.max_steps={config.stage1_steps}", f"out={stage1_projector.parent}"]
+        _train(config, overrides, callback, "stage1", run)
+    stage2_steps = [s - config.stage1_steps for s in steps if s > config.stage1_steps]
+    callback = HeldOutEvaluation(
+        arm,
+        items,
+        stage2_steps,
+        ablated_items=ablated,
+        final_step=config.stage2_steps,
+        step_offset=config.stage1_steps,
+        seed=config.seed,
+    )
+    encoder = "lora" if arm == "multimodal_encoder_lora" else "frozen"
+    overrides = [
+        *common,
+        "stage=2",
+        f"stage2.max_steps={config.stage2_steps}",
+        f"stage2.encoder={encoder}",
+        f"stage2.projector={stage1_projector}",
+        f"out={out / arm / 'stage2'}",
+    ]
+    _train(config, overrides, callback, "stage2", run)
+    return run
+
+
+def run_experiment(config: ExperimentConfig) -> dict:
+    """The whole run for one seed; returns (and writes) the results."""
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = ensure_demo_dataset(out / "demo-data", seed=config.seed, num_train=config.num_train, num_heldout=config.num_heldout)
+    benchmark = build_sequence_grounded(
+        str(paths["heldout"]), [str(paths["train"])], num_options=4, seed=config.seed, limit=config.heldout_items
+    )
+    if benchmark.flagged:
+        reasons = benchmark.flag_counts()
+        raise RuntimeError(f"{len(benchmark.flagged)} held-out items were flagged ({reasons}); the demo set should have none")
+    items = benchmark.items
+    ablated = ablate_proteins(items, seed=config.seed)
+
+    arms: dict[str, dict] = {}
+    curves: dict[str, list[dict]] = {}
+    training = load_training_proteins([str(paths["train"])])
+    retrieval = {suffix: retrieval_predictions(chosen, training) for suffix, chosen in (("", items), (ABLATED, ablated))}
+    for suffix, chosen in (("", items), (ABLATED, ablated)):
+        arms["retrieval" + suffix] = accuracy_by_type(chosen, retrieval[suffix], seed=config.seed)
+    wall = {}
+    for arm in config.arms:
+        run = run_arm(arm, config, items, ablated)
+        curves[arm] = [r for r in run.records if r["arm"] == arm]
+        for name, predictions in run.final_predictions.items():
+            chosen = ablated if name.endswith(ABLATED) else items
+            arms[name] = accuracy_by_type(chosen, predictions, seed=config.seed)
+        wall[arm] = run.wall_seconds
+    results = {
+        "seed": config.seed,
+        "settings": asdict(config),
+        "n_items": len(items),
+        "question_types": [t for t in QUESTION_TYPES if any(i.category == t for i in items)],
+        "arms": arms,
+        "curves": curves,
+        "identity": summarise_identity(retrieval[""]),
+        "wall_seconds": {"total": round(time.perf_counter() - started, 1), "per_arm": wall},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(render_results(results))
+    plot_curves(results, out / "curves.png")
+    summarize_seeds(out.parent)
+    return results
+
+
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return "n/a"
+    low, high = entry["ci95"] or (float("nan"), float("nan"))
+    return f"{100 * entry['accuracy']:.1f}% [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def render_results(results: dict) -> str:
+    """report.md of one seed: accuracy per arm and question type with 95% CIs, the ablation beside each arm."""
+    types = [ALL_TYPES, *results["question_types"]]
+    settings = results["settings"]
+    any_arm = next(iter(results["arms"].values()))
+    lines = [
+        f"# Learning experiment, seed {results['seed']}",
+        "",
+        f"{results['n_items']} held-out items (4 options each); multimodal: {settings['stage1_steps']} stage-1 + "
+        f"{settings['stage2_steps']} stage-2 steps; text-only: {settings['stage1_steps'] + settings['stage2_steps']} "
+        f"stage-2 steps; wall time {results['wall_seconds']['total'] / 60:.1f} min.",
+        "",
+        "| arm | " + " | ".join(f"{t} (n={any_arm[t]['n']})" for t in types) + " |",
+        "|---" * (len(types) + 1) + "|",
+    ]
+    for name, by_type in results["arms"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(by_type.get(t)) for t in types) + " |")
+    lines.append("| chance | " + " | ".join(f"{100 * any_arm[t]['chance']:.1f}%" for t in types) + " |")
+    identity = results["identity"]
+    lines += [
+        "",
+        f"Held-out proteins' highest identity to any training protein: median {100 * identity['median']:.1f}% "
+        f"(min {100 * identity['min']:.1f}%, max {100 * identity['max']:.1f}%); bins {identity['bins']}.",
+        "",
+        "Accuracy at each step (all types):",
+        "",
+    ]
+    for arm, records in results["curves"].items():
+        points = ", ".join(f"{r['step']}: {100 * r['by_type'][ALL_TYPES]['accuracy']:.1f}%" for r in records)
+        lines.append(f"- {arm}: {points}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    """Held-out accuracy against step, one panel per question type, chance dashed, final ablation as a cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = [ALL_TYPES, *results["question_types"]]
+    figure, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3.2), sharey=True)
+    for axis, kind in zip(axes, types):
+        for arm, records in results["curves"].items():
+            steps = [r["step"] for r in records]
+            values = [100 * r["by_type"][kind]["accuracy"] for r in records]
+            (line,) = axis.plot(steps, values, marker="o", label=arm)
+            ablated = results["arms"].get(arm + ABLATED)
+            if ablated and steps:
+                axis.plot([steps[-1]], [100 * ablated[kind]["accuracy"]], marker="x", color=line.get_color(), markersize=9)
+        retrieval = results["arms"].get("retrieval")
+        if retrieval:
+            axis.axhline(100 * retrieval[kind]["accuracy"], color="black", linestyle=":", linewidth=1, label="retrieval")
+        chance = next(iter(results["arms"].values()))[kind]["chance"]
+        axis.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+        axis.set_title(kind)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylim(0, 100)
+    axes[0].set_ylabel("held-out accuracy (%)")
+    axes[0].legend(fontsize="x-small", title="x: protein-ablated", title_fontsize="x-small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def summarize_seeds(root: Path) -> dict | None:
+    """Mean (and per-seed) accuracy over every `seed*/results.json` under `root`: summary.json, summary.md."""
+    runs = [json.loads(p.read_text()) for p in sorted(Path(root).glob("seed*/results.json"))]
+    if not runs:
+        return None
+    arms = sorted({arm for run in runs for arm in run["arms"]}, key=lambda a: (a.endswith(ABLATED), a))
+    types = [ALL_TYPES, *runs[0]["question_types"]]
+    summary = {"seeds": [run["seed"] for run in runs], "arms": {}}
+    for arm in arms:
+        summary["arms"][arm] = {}
+        for kind in types:
+            values = [run["arms"][arm][kind]["accuracy"] for run in runs if arm in run["arms"]]
+            summary["arms"][arm][kind] = {
+                "mean_accuracy": sum(values) / len(values),
+                "per_seed": values,
+                "ci95_per_seed": [run["arms"][arm][kind]["ci95"] for run in runs if arm in run["arms"]],
+                "n_per_seed": runs[0]["arms"][arm][kind]["n"],
+            }
+    summary["chance"] = {kind: runs[0]["arms"][arms[0]][kind]["chance"] for kind in types}
+    summary["wall_minutes_per_seed"] = [round(run["wall_seconds"]["total"] / 60, 1) for run in runs]
+    lines = [
+        f"# Learning experiment: mean over seeds {summary['seeds']}",
+        "",
+        "Each cell: mean held-out accuracy over the seeds (per-seed values in brackets).",
+        "",
+        "| arm | " + " | ".join(types) + " |",
+        "|---" * (len(types) + 1) + "|",
+    ]
+    for arm, by_type in summary["arms"].items():
+        cells = [
+            f"{100 * v['mean_accuracy']:.1f}% (" + ", ".join(f"{100 * x:.1f}" for x in v["per_seed"]) + ")"
+            for v in (by_type[k] for k in types)
+        ]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines.append("| chance | " + " | ".join(f"{100 * summary['chance'][k]:.1f}%" for k in types) + " |")
+    (Path(root) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (Path(root) / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+__all__ = ["ARMS", "ExperimentConfig", "eval_steps", "render_results", "run_arm", "run_experiment", "summarize_seeds"]

@@ -1,0 +1,99 @@
+"""The learning experiment's machinery on the tiny preset: held-out scoring during training, the results'
+layout (arm → question type → accuracy, CI, n), the curves, and the summary over seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from protein_llava.data.demo import QUESTION_TYPES
+from protein_llava.training.experiment import ExperimentConfig, eval_steps, run_experiment, summarize_seeds
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "configs" / "train"
+ENTRY_KEYS = {"accuracy", "ci95", "n", "chance"}
+
+
+def test_eval_steps_include_the_start_and_the_end():
+    assert eval_steps(10, 4) == [0, 4, 8, 10]
+    assert eval_steps(8, 4) == [0, 4, 8]
+    with pytest.raises(ValueError, match="unknown arms"):
+        ExperimentConfig(arms=("multimodal", "vision"), train_config_dir=str(CONFIG_DIR))
+    with pytest.raises(ValueError, match="stage2_steps must be >= 1"):
+        ExperimentConfig(stage2_steps=0, train_config_dir=str(CONFIG_DIR))
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment") / "seed3"
+    config = ExperimentConfig(
+        seed=3,
+        out=str(out),
+        train_config_dir=str(CONFIG_DIR),
+        num_train=24,
+        num_heldout=16,
+        heldout_items=32,
+        stage1_steps=2,
+        stage2_steps=3,
+        eval_every=2,
+        arms=("multimodal", "text_only", "multimodal_encoder_lora"),
+        train_overrides=("model.preset=tiny", "trainer.log_every_n_steps=1"),
+    )
+    return out, run_experiment(config)
+
+
+def test_results_are_keyed_by_arm_and_question_type(tiny_experiment):
+    out, results = tiny_experiment
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    expected = {f"{arm}{suffix}" for arm in ("multimodal", "text_only", "multimodal_encoder_lora", "retrieval") for suffix in ("", "_ablated")}
+    assert set(results["arms"]) == expected
+    types = results["question_types"]
+    assert set(types) <= set(QUESTION_TYPES) and "function" in types
+    for arm, by_type in results["arms"].items():
+        assert set(by_type) == {"all", *types}, arm
+        assert all(set(entry) == ENTRY_KEYS for entry in by_type.values())
+        assert by_type["all"]["n"] == results["n_items"] == sum(by_type[t]["n"] for t in types)
+    assert 0 <= results["identity"]["min"] <= results["identity"]["median"] <= results["identity"]["max"] <= 1
+
+
+def test_held_out_accuracy_is_recorded_at_fixed_steps_on_one_axis(tiny_experiment):
+    _, results = tiny_experiment
+    # Multimodal: stage 1 steps 0, 2 then stage 2 continues the axis (2 + 2 = 4, 2 + 3 = 5).
+    assert [r["step"] for r in results["curves"]["multimodal"]] == [0, 2, 4, 5]
+    assert [r["step"] for r in results["curves"]["text_only"]] == [0, 2, 4, 5]
+    # The encoder-LoRA arm reuses the multimodal arm's stage 1, so only its stage-2 points are new.
+    assert [r["step"] for r in results["curves"]["multimodal_encoder_lora"]] == [4, 5]
+
+
+def test_report_curves_and_summary_are_written(tiny_experiment):
+    out, results = tiny_experiment
+    report = (out / "report.md").read_text()
+    assert "| multimodal_ablated |" in report and "| retrieval |" in report
+    assert (out / "curves.png").stat().st_size > 10_000
+    summary = json.loads((out.parent / "summary.json").read_text())
+    assert summary["seeds"] == [3]
+    entry = summary["arms"]["multimodal"]["function"]
+    assert entry["per_seed"] == [results["arms"]["multimodal"]["function"]["accuracy"]] and entry["mean_accuracy"] == entry["per_seed"][0]
+
+
+def test_summary_averages_the_seeds(tmp_path):
+    def write(seed: int, accuracy: float):
+        entry = {"accuracy": accuracy, "ci95": [accuracy - 0.1, accuracy + 0.1], "n": 10, "chance": 0.25}
+        results = {
+            "seed": seed,
+            "question_types": ["function"],
+            "arms": {"multimodal": {"all": entry, "function": entry}},
+            "wall_seconds": {"total": 60.0 * (seed + 1)},
+        }
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(results))
+
+    write(0, 0.5)
+    write(1, 0.7)
+    summary = summarize_seeds(tmp_path)
+    assert summary["seeds"] == [0, 1]
+    assert summary["arms"]["multimodal"]["function"]["mean_accuracy"] == pytest.approx(0.6)
+    assert summary["wall_minutes_per_seed"] == [1.0, 2.0]
+    assert "60.0% (50.0, 70.0)" in (tmp_path / "summary.md").read_text()
