@@ -4,7 +4,8 @@
 
 Writes `wrapper_overhead`, `packed_real_token_fraction`, `packed_vs_padded_speedup`,
 `stage1_cache_encoder_share_removed` (with `stage1_cache_speedup` as information),
-`loglik_vs_per_option_speedup` and `data_samples_per_s` (plus the raw timings behind them). Models are
+`loglik_vs_per_option_speedup`, `qlora_over_lora_step_time`, `bf16_autocast_speedup`,
+`lora_dropout_slowdown` and `data_samples_per_s` (plus the raw timings behind them). Models are
 random-init at the real shapes (SmolLM2-135M decoder, ESM-2 8M encoder): speed does not depend on the values
 of the weights, and no download is needed. Timings alternate A/B and report medians.
 """
@@ -170,6 +171,62 @@ def bench_stage1_cache(model, processor, data_path: Path, repeats: int, tmp: Pat
     }
 
 
+def bench_qlora(repeats: int) -> dict:
+    """A stage-2 train step (LoRA r=16 on every linear layer, AdamW) of the demo-shaped decoder in 4-bit NF4
+    (QLoRA) vs the same decoder in float32 (LoRA), on the same batch, alternately."""
+    from protein_llava.quantization import nf4_config, quantize_decoder
+    from protein_llava.training.stage2 import LoraSettings, _wrap_lora
+
+    torch.manual_seed(0)
+    config = ProteinLLMConfig.from_preset("smollm2-demo").text_config
+    full = AutoModelForCausalLM.from_config(config)
+    four_bit = quantize_decoder(full, nf4_config())
+    ids = torch.randint(10, 250, (4, 112))  # a demo stage-2 batch: 4 samples of ~110 tokens
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    steps = []
+    for quantized, decoder in ((False, full), (True, four_bit)):
+        model = _wrap_lora(decoder, LoraSettings(r=16, alpha=32, dropout=0.0), quantized=quantized).train()
+        steps.append(train_step(model, batch, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)))
+    t_lora, t_qlora = alternate(*steps, repeats)
+    return {"qlora_over_lora_step_time": t_qlora / t_lora, "lora_step_s": t_lora, "qlora_step_s": t_qlora}
+
+
+def bench_cpu_defaults(repeats: int) -> dict:
+    """The CPU training defaults, each against its alternative on the same batch (the demo-shaped decoder,
+    LoRA r=16 on every linear layer): bf16 autocast vs fp32, and LoRA dropout 0 vs 0.05."""
+    from protein_llava.training.stage2 import LoraSettings, _wrap_lora
+
+    torch.manual_seed(0)
+    ids = torch.randint(10, 250, (4, 112))  # a demo stage-2 batch: 4 samples of ~110 tokens
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    config = ProteinLLMConfig.from_preset("smollm2-demo").text_config
+    models = {
+        dropout: _wrap_lora(AutoModelForCausalLM.from_config(config), LoraSettings(dropout=dropout), quantized=False).train()
+        for dropout in (0.0, 0.05)
+    }
+
+    def step(model, autocast: bool):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        plain = train_step(model, batch, optimizer)
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                plain()
+
+        return run
+
+    t_bf16, t_fp32 = alternate(step(models[0.0], True), step(models[0.0], False), repeats)
+    t_no_dropout, t_dropout = alternate(step(models[0.0], True), step(models[0.05], True), repeats)
+    return {
+        "bf16_autocast_speedup": t_fp32 / t_bf16,
+        "fp32_step_s": t_fp32,
+        "bf16_step_s": t_bf16,
+        "lora_dropout_slowdown": t_dropout / t_no_dropout,
+        "lora_dropout_0.05_step_s": t_dropout,
+        "lora_dropout_0_step_s": t_no_dropout,
+    }
+
+
 def bench_loglik(model, processor, repeats: int) -> dict:
     """ProteinLMBench-style scoring: one prompt forward + one options forward vs one forward per option."""
     from protein_llava.evaluation import official_prompt, score_options, score_options_reference
@@ -209,7 +266,7 @@ def bench_data_pipeline(processor, data_path: Path) -> dict:
     return {"data_samples_per_s": len(examples) / (time.perf_counter() - start)}
 
 
-BENCHES = ("wrapper", "packing", "stage1-cache", "loglik", "data")
+BENCHES = ("wrapper", "packing", "stage1-cache", "loglik", "qlora", "cpu-defaults", "data")
 
 
 def main(argv=None) -> dict:
@@ -231,6 +288,8 @@ def main(argv=None) -> dict:
         "packing": lambda: bench_packing(model, args.repeats),
         "stage1-cache": lambda: bench_stage1_cache(model, processor, data, args.repeats, tmp),
         "loglik": lambda: bench_loglik(model, processor, args.repeats),
+        "qlora": lambda: bench_qlora(args.repeats),
+        "cpu-defaults": lambda: bench_cpu_defaults(args.repeats),
         "data": lambda: bench_data_pipeline(processor, data),
     }
     for name, run in benches.items():
