@@ -160,7 +160,7 @@ def protein_records(protein: dict) -> list[dict]:
     ]
 
 
-def write_demo_dataset(folder: str | Path, num_train: int = 800, num_heldout: int = 50, seed: int = 0) -> dict[str, Path]:
+def write_demo_dataset(folder: str | Path, num_train: int = 800, num_heldout: int = 40, seed: int = 0) -> dict[str, Path]:
     """Write `train.jsonl` and `heldout.jsonl` (one record per question type and protein) under `folder`.
 
     Returns their paths.
@@ -193,7 +193,7 @@ def write_demo_dataset(folder: str | Path, num_train: int = 800, num_heldout: in
     return paths
 
 
-def ensure_demo_dataset(folder: str | Path, seed: int = 0, num_train: int = 800, num_heldout: int = 50) -> dict[str, Path]:
+def ensure_demo_dataset(folder: str | Path, seed: int = 0, num_train: int = 800, num_heldout: int = 40) -> dict[str, Path]:
     """The demo files under `folder`, written once (the generator is deterministic, so reuse is safe).
 
     Files written by another generator version or with other settings (`manifest.json` says) are rewritten.

@@ -87,6 +87,19 @@ def official_prompt(question: str, options: Sequence[str]) -> str:
     return OFFICIAL_INSTRUCTION + "\n Question: \n" + question + "\n Options: \n" + "\n".join(options) + "\n" + ANSWER_ANCHOR
 
 
+def prediction_record(item: BenchmarkItem, predicted: int | None, **extra) -> dict:
+    """One arm's outcome on `item` as the report and predictions.jsonl hold it (`extra`: scores, ...)."""
+    return {
+        "item_id": item.item_id,
+        "num_options": item.num_options,
+        "answer": item.answer,
+        "predicted": predicted,
+        "correct": predicted == item.answer,
+        "unparseable": predicted is None,
+        **extra,
+    }
+
+
 def first_integer(text: str) -> int | None:
     """The first run of digits in `text` as an int (the official answer parser), or None."""
     match = _INTEGER.search(text)
@@ -392,5 +405,6 @@ __all__ = [
     "official_prompt",
     "option_text",
     "parse_proteinlmbench_item",
+    "prediction_record",
     "training_sequences",
 ]

@@ -46,7 +46,7 @@ from Bio.Align import PairwiseAligner, substitution_matrices
 from Bio.Align.substitution_matrices import Array
 
 from ..data.records import RecordError, iter_raw_records, parse_record
-from .benchmarks import BenchmarkItem, option_text
+from .benchmarks import BenchmarkItem, option_text, prediction_record
 
 DEFAULT_CANDIDATES = 50
 PROBABILITY_TEMPERATURE = 0.05
@@ -225,7 +225,7 @@ def retrieval_predictions(
     candidates: int | None = DEFAULT_CANDIDATES,
     progress: bool = False,
 ) -> dict[str, dict]:
-    """Per item id, the retrieval arm's prediction dict (`runner._prediction`'s keys plus scores,
+    """Per item id, the retrieval arm's prediction dict (`benchmarks.prediction_record`'s keys plus scores,
     probabilities, max_identity, nearest_record, nearest_identity_option); `candidates=None` is exhaustive."""
     if candidates is not None and candidates < 1:
         raise ValueError(f"candidates must be >= 1 or None (exhaustive), got {candidates}")
@@ -277,20 +277,15 @@ def _prediction(
     else:
         weights = [1.0] * len(scores)
     matching = [j + 1 for j, text in enumerate(texts) if text in training.descriptions[nearest]]
-    # The first six keys mean what runner._prediction's do (not imported: that module needs torch).
-    return {
-        "item_id": item.item_id,
-        "num_options": item.num_options,
-        "answer": item.answer,
-        "predicted": predicted,
-        "correct": predicted == item.answer,
-        "unparseable": predicted is None,
-        "scores": scores,
-        "probabilities": [w / sum(weights) for w in weights],
-        "max_identity": max_identity,
-        "nearest_record": training.record_ids[nearest],
-        "nearest_identity_option": matching[0] if matching else None,
-    }
+    return prediction_record(
+        item,
+        predicted,
+        scores=scores,
+        probabilities=[w / sum(weights) for w in weights],
+        max_identity=max_identity,
+        nearest_record=training.record_ids[nearest],
+        nearest_identity_option=matching[0] if matching else None,
+    )
 
 
 def summarise_identity(predictions: Mapping[str, dict]) -> dict:

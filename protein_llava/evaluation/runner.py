@@ -20,6 +20,7 @@ from .benchmarks import (
     load_proteinlmbench,
     official_prompt,
     option_text,
+    prediction_record,
 )
 from .config import ABLATED_SUFFIX, RETRIEVAL_ARM, BenchmarkConfig, EvalConfig
 from .report import build_report, write_report
@@ -75,7 +76,7 @@ def evaluate_arm(arm: Arm, items: list[BenchmarkItem], config: EvalConfig, name:
             arm, texts, max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed, **batching
         )
         for item, output in zip(readable, outputs):
-            result.predictions[item.item_id] = _prediction(item, first_integer(output), output=output)
+            result.predictions[item.item_id] = prediction_record(item, first_integer(output), output=output)
         return result
 
     if config.mode == "description":
@@ -100,20 +101,8 @@ def evaluate_arm(arm: Arm, items: list[BenchmarkItem], config: EvalConfig, name:
                 predicted_permuted=predicted_permuted,
                 correct_permuted=predicted_permuted == item.answer,
             )
-        result.predictions[item.item_id] = _prediction(item, predicted, **extra)
+        result.predictions[item.item_id] = prediction_record(item, predicted, **extra)
     return result
-
-
-def _prediction(item: BenchmarkItem, predicted: int | None, **extra) -> dict:
-    return {
-        "item_id": item.item_id,
-        "num_options": item.num_options,
-        "answer": item.answer,
-        "predicted": predicted,
-        "correct": predicted == item.answer,
-        "unparseable": predicted is None,
-        **extra,
-    }
 
 
 def _permutation_probabilities(

@@ -119,6 +119,8 @@ def run_arm(arm: str, config: ExperimentConfig, items, ablated) -> ArmRun:
         f"seed={config.seed}",
         f"checkpoints_dir={out}",
         f"data.demo_seed={config.seed}",
+        f"data.demo_num_train={config.num_train}",
+        f"data.demo_num_heldout={config.num_heldout}",  # the same files as the benchmark's, never rewritten
         "checkpoint_every=1000000",  # the experiment never resumes; skip writing Lightning checkpoints
         *config.train_overrides,
     ]

@@ -93,7 +93,9 @@ def check_config(cfg: DictConfig) -> None:
 def data_paths(cfg: DictConfig) -> tuple[str, str | None]:
     """(train source, validation source); the demo source writes its files on first use."""
     if cfg.data.source == "demo":
-        paths = ensure_demo_dataset(cfg.data.demo_dir, seed=cfg.data.demo_seed)
+        paths = ensure_demo_dataset(
+            cfg.data.demo_dir, seed=cfg.data.demo_seed, num_train=cfg.data.demo_num_train, num_heldout=cfg.data.demo_num_heldout
+        )
         return str(cfg.data.path or paths["train"]), cfg.data.val_path
     if cfg.data.source in ("local", "hub"):
         if cfg.data.path is None:

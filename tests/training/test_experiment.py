@@ -56,6 +56,9 @@ def test_results_are_keyed_by_arm_and_question_type(tiny_experiment):
         assert all(set(entry) == ENTRY_KEYS for entry in by_type.values())
         assert by_type["all"]["n"] == results["n_items"] == sum(by_type[t]["n"] for t in types)
     assert 0 <= results["identity"]["min"] <= results["identity"]["median"] <= results["identity"]["max"] <= 1
+    # Training read the very files the benchmark was built from (same manifest: nothing was rewritten).
+    manifest = json.loads((out / "demo-data" / "manifest.json").read_text())
+    assert (manifest["num_train"], manifest["num_heldout"], manifest["seed"]) == (24, 16, 3)
 
 
 def test_held_out_accuracy_is_recorded_at_fixed_steps_on_one_axis(tiny_experiment):
