@@ -1,58 +1,16 @@
-"""protein-llava serve: uvicorn on a free 127.0.0.1 port; batched answers equal single ones; 413 and 422."""
+"""/v1/answer and /health on a live server: batched answers equal single ones; 413 and 422."""
 
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 from sample_proteins import P1, P2
 
-from protein_llava.predict import TEMPLATES, Answerer, user_message
-from protein_llava.serving import ServerLimits, create_app
+from protein_llava.predict import TEMPLATES, user_message
 
 SEQUENCES = [P1.replace(" ", ""), P2.replace(" ", ""), "MKTAYIAKQR", "MSIPSSQYGFVFNK"]
 QUESTION = "What is the function of this protein?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_folder):
-    """(base url, answerer) of a live server; batches wait 300 ms so concurrent requests meet."""
-    import uvicorn
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # width-64 matmuls: one thread is faster than OpenMP's split
-    answerer = Answerer.from_folder(tiny_folder, device="cpu")
-    limits = ServerLimits(max_body_bytes=4096, max_sequences=8, max_new_tokens=16, max_batch_size=8, max_wait_ms=300)
-    port = free_port()
-    config = uvicorn.Config(create_app(answerer, limits), host="127.0.0.1", port=port, log_level="warning")
-    uvicorn_server = uvicorn.Server(config)
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uvicorn_server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", answerer
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server[0], timeout=60, trust_env=False) as client:
-        yield client
 
 
 def ask(client, sequences, **fields) -> httpx.Response:

@@ -1,0 +1,416 @@
+"""The server's model worker: jobs from many requests batched into one forward / `generate` per batch.
+
+Each HTTP request becomes one `Job` per prompt on a bounded queue. A single asyncio task gathers jobs for
+up to `max_wait_s` (or `max_batch_size`), groups them by what a `generate` call must share (sampling
+settings and seed), sorts each group by length so a long prompt does not pad short ones to its size, and
+runs each batch in a worker thread. Per row, a stopping criterion ends a job whose client went away or
+whose deadline passed, and a streamer hands every new token to that job's stream as it is made.
+
+Rows never affect each other: greedy decoding is prefix-stable, each row is cut to its own
+`max_new_tokens` and stop strings, and a batch that fails is retried job by job so one bad prompt costs
+only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .prompts import PreparedPrompt
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen. temperature 0 is greedy; a seed makes sampling repeatable (the job then
+    runs in a batch of its own, since one `generate` draws from one random stream)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One token's log-probability and the `top` most likely tokens at its position (id → logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclass
+class Completion:
+    """What a job produced: new token ids (cut at a stop), their text, why it ended, and logprobs."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Per model input position (None for the first); only when the job asked for echo logprobs."""
+    logprobs: list[TokenLogprobs] | None = None
+    """Per generated token; only when the job asked for logprobs."""
+
+
+class JobCancelled(Exception):
+    """The job's deadline passed or its client went away before it finished."""
+
+
+@dataclass(eq=False)
+class Job:
+    prompt: PreparedPrompt
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """Top-N logprobs per generated token (0 = just the chosen token's); None for none."""
+    echo_logprobs: bool = False
+    """Also the logprob of every prompt token (one extra forward pass)."""
+    request_id: int = 0
+    stream: Callable[[int], None] | None = None
+    """Called from the worker thread with every new token id of this job, as it is generated."""
+    future: asyncio.Future | None = field(default=None, repr=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def batch_key(self) -> tuple:
+        # Seeded sampling needs its own random stream, hence its own batch.
+        return (self.sampling.temperature, self.sampling.top_p, self.sampling.seed, self.request_id if self.sampling.seed is not None else None)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class BatchStats:
+    """Counters shown by /health: how much batching actually happened, and what was refused."""
+
+    batches: int = 0
+    prompts: int = 0
+    largest_batch: int = 0
+    largest_batch_requests: int = 0
+    failed_batches: int = 0
+    cancelled: int = 0
+    queue_full: int = 0
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than the queue takes; the client should retry later."""
+
+
+class Engine:
+    """The queue and the worker task; `submit` from request handlers, `start`/`stop` with the app."""
+
+    def __init__(self, answerer, max_batch_size: int, max_wait_s: float, max_queued: int, max_padding: float = 2.0):
+        self.answerer = answerer
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queued = max_queued
+        self.max_padding = max_padding
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue[Job] | None = None
+        self._worker: asyncio.Task | None = None
+        self._waiting = 0
+        self._request_ids = itertools.count()
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    @property
+    def waiting(self) -> int:
+        """Jobs submitted and not yet finished (queued or in a running batch)."""
+        return self._waiting
+
+    def new_request_id(self) -> int:
+        return next(self._request_ids)
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run(), name="protein-llava-engine")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+
+    def submit(self, jobs: list[Job]) -> list[asyncio.Future]:
+        """Queue a request's jobs (all or none); QueueFull when they do not fit."""
+        if self._waiting + len(jobs) > self.max_queued:
+            self.stats.queue_full += 1
+            raise QueueFull(f"{self._waiting} prompts are waiting; this server queues at most {self.max_queued}")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job in jobs:
+            job.future = loop.create_future()
+            job.future.add_done_callback(self._finished)
+            self._waiting += 1
+            self._queue.put_nowait(job)
+            futures.append(job.future)
+        return futures
+
+    def _finished(self, future: asyncio.Future) -> None:
+        self._waiting -= 1
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            gathered = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(gathered) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                try:
+                    job = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                gathered.append(job)
+            live = []
+            for job in gathered:
+                if job.cancelled.is_set():
+                    self.stats.cancelled += 1
+                    _resolve(job, error=JobCancelled("cancelled before it ran"))
+                elif not job.future.done():
+                    live.append(job)
+            for batch in form_batches(live, self.max_padding):
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        self.stats.batches += 1
+        self.stats.prompts += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len({j.request_id for j in batch}))
+        try:
+            completions = await asyncio.to_thread(run_batch, self.answerer, batch)
+        except Exception as error:  # noqa: BLE001 - retried job by job so one failure costs only itself
+            self.stats.failed_batches += 1
+            if len(batch) == 1:
+                _resolve(batch[0], error=error)
+                return
+            for job in batch:
+                await self._run_batch([job])
+            return
+        for job, completion in zip(batch, completions):
+            if completion.finish_reason == "cancelled":
+                self.stats.cancelled += 1
+            _resolve(job, completion)
+
+
+def _resolve(job: Job, completion: Completion | None = None, error: Exception | None = None) -> None:
+    if job.future is None or job.future.done():
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(completion)
+
+
+def form_batches(jobs: list[Job], max_padding: float) -> list[list[Job]]:
+    """Jobs that can share a `generate` call, in batches of similar length: sorted by prompt length and
+    cut wherever padding to the batch's longest prompt would exceed `max_padding` × the real tokens."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.batch_key, []).append(job)
+    batches = []
+    for group in groups.values():
+        group.sort(key=lambda job: job.prompt.num_tokens)
+        current: list[Job] = []
+        for job in group:
+            candidate = [*current, job]
+            padded = len(candidate) * job.prompt.num_tokens
+            real = sum(j.prompt.num_tokens for j in candidate)
+            if current and padded > max_padding * real:
+                batches.append(current)
+                candidate = [job]
+            current = candidate
+        if current:
+            batches.append(current)
+    return batches
+
+
+# --- the model work (runs in a worker thread)
+
+
+class _RowStops(StoppingCriteria):
+    """Ends each row on its own: when its job is cancelled, or a stop string appears in its new text."""
+
+    def __init__(self, jobs: list[Job], prompt_length: int, tokenizer):
+        self.jobs = jobs
+        self.prompt_length = prompt_length
+        self.tokenizer = tokenizer
+        self.ended_rows: set[int] = set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, job in enumerate(self.jobs):
+            if job.cancelled.is_set():
+                done[row] = True
+            elif job.stop:
+                # Decoding the whole tail keeps stop strings that span several tokens.
+                text = self.tokenizer.decode(input_ids[row, self.prompt_length :], skip_special_tokens=True)
+                done[row] = any(stop in text for stop in job.stop)
+            if done[row]:
+                self.ended_rows.add(row)
+        return done
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each generated token to its row's job (the first `put` is the prompt, which is skipped)."""
+
+    def __init__(self, jobs: list[Job], stop_token_ids: set[int], stopped_rows: set[int]):
+        self.jobs = jobs
+        self.stop_token_ids = stop_token_ids
+        self.stopped_rows = stopped_rows  # rows the stopping criterion ended; their later tokens are padding
+        self.seen_prompt = False
+        self.counts = [0] * len(jobs)
+        self.ended = [False] * len(jobs)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        for row, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
+            job = self.jobs[row]
+            if self.ended[row] or row in self.stopped_rows or job.stream is None:
+                continue
+            if token in self.stop_token_ids or self.counts[row] >= job.max_new_tokens:
+                self.ended[row] = True
+                continue
+            self.counts[row] += 1
+            job.stream(token)
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
+    """One batch of jobs that share sampling settings: echo logprobs by one forward, then `generate`."""
+    processor, model, device = answerer.processor, answerer.model, answerer.device
+    prompt_logprobs = _prompt_logprobs(answerer, jobs) if any(job.echo_logprobs for job in jobs) else [None] * len(jobs)
+    longest_new = max(job.max_new_tokens for job in jobs)
+    if longest_new == 0:
+        return [Completion([], "", "length", prompt_logprobs=lp) for lp in prompt_logprobs]
+
+    input_ids, attention_mask, protein_input_ids = _pad(answerer, jobs, side="left")
+    sampling = jobs[0].sampling
+    options = {"do_sample": False} if sampling.greedy else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    want_logits = any(job.logprobs is not None for job in jobs)
+    stop_ids = set(answerer.stop_token_ids)
+    row_stops = _RowStops(jobs, input_ids.shape[1], processor.tokenizer)
+    streamer = _RowStreamer(jobs, stop_ids, row_stops.ended_rows) if any(job.stream for job in jobs) else None
+    # A seeded job draws from its own generator state and leaves the process's untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **({"protein_input_ids": protein_input_ids} if protein_input_ids is not None else {}),
+            max_new_tokens=longest_new,
+            num_beams=1,
+            eos_token_id=answerer.stop_token_ids or None,
+            pad_token_id=answerer.pad_token_id,
+            # A generated placeholder would be read as a protein slot on the next step.
+            suppress_tokens=[processor.protein_token_id],
+            stopping_criteria=StoppingCriteriaList([row_stops]),
+            streamer=streamer,
+            return_dict_in_generate=True,
+            output_logits=want_logits,
+            **options,
+        )
+    new_tokens = output.sequences[:, input_ids.shape[1] :].tolist()  # (batch, new)
+    logits = torch.stack(output.logits, dim=1).float() if want_logits else None  # (batch, new, vocab)
+    completions = []
+    for row, job in enumerate(jobs):
+        tokens = new_tokens[row][: job.max_new_tokens]
+        finish = "length"
+        for index, token in enumerate(tokens):
+            if token in stop_ids:
+                tokens, finish = tokens[:index], "stop"
+                break
+        text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = [text.find(stop) for stop in job.stop if stop in text]
+        if cut:
+            text, finish = text[: min(cut)], "stop"
+            tokens = _tokens_covering(processor.tokenizer, tokens, len(text))
+        if job.cancelled.is_set() and finish == "length" and len(tokens) < job.max_new_tokens:
+            finish = "cancelled"
+        token_logprobs = None
+        if job.logprobs is not None:
+            row_logprobs = torch.log_softmax(logits[row, : len(tokens)], dim=-1)
+            token_logprobs = [_token_logprobs(row_logprobs[i], token, job.logprobs) for i, token in enumerate(tokens)]
+        completions.append(Completion(tokens, text, finish, prompt_logprobs[row], token_logprobs))
+    return completions
+
+
+def _tokens_covering(tokenizer, tokens: list[int], length: int) -> list[int]:
+    """The shortest prefix of `tokens` whose text reaches `length` characters (a stop string was cut)."""
+    for end in range(len(tokens) + 1):
+        if len(tokenizer.decode(tokens[:end], skip_special_tokens=True)) >= length:
+            return tokens[:end]
+    return tokens
+
+
+def _token_logprobs(position_logprobs: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    best = {}
+    if top > 0:
+        values, ids = position_logprobs.topk(top)
+        best = dict(zip(ids.tolist(), values.tolist()))
+    return TokenLogprobs(token, float(position_logprobs[token]), best)
+
+
+def _prompt_logprobs(answerer, jobs: list[Job]) -> list[list[TokenLogprobs | None] | None]:
+    """Every prompt token's log-probability given the tokens before it, by one right-padded forward."""
+    input_ids, attention_mask, protein_input_ids = _pad(answerer, jobs, side="right")
+    logits = answerer.model(
+        input_ids=input_ids, attention_mask=attention_mask, protein_input_ids=protein_input_ids, use_cache=False
+    ).logits  # (batch, length, vocab)
+    result = []
+    for row, job in enumerate(jobs):
+        if not job.echo_logprobs:
+            result.append(None)
+            continue
+        ids = job.prompt.input_ids
+        row_logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)  # predicts ids[1:]
+        top = job.logprobs or 0
+        placeholder = answerer.processor.protein_token_id
+        # A placeholder position holds a protein feature, not a token: it has no log-probability.
+        result.append(
+            [None]
+            + [None if ids[i + 1] == placeholder else _token_logprobs(row_logprobs[i], ids[i + 1], top) for i in range(len(ids) - 1)]
+        )
+    return result
+
+
+def _pad(answerer, jobs: list[Job], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    longest = max(job.prompt.num_tokens for job in jobs)
+    input_ids = torch.full((len(jobs), longest), answerer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(jobs), longest), dtype=torch.long)
+    for row, job in enumerate(jobs):
+        ids = torch.tensor(job.prompt.input_ids, dtype=torch.long)
+        span = slice(longest - len(ids), longest) if side == "left" else slice(0, len(ids))
+        input_ids[row, span] = ids
+        attention_mask[row, span] = 1
+    proteins = [residues for job in jobs for residues in job.prompt.proteins]
+    protein_input_ids = answerer.processor.encode_proteins(proteins).to(answerer.device) if proteins else None
+    return input_ids.to(answerer.device), attention_mask.to(answerer.device), protein_input_ids
