@@ -154,6 +154,8 @@ def chat_command(args) -> int:
 
 
 def serve_command(args) -> int:
+    import os
+
     import uvicorn
 
     from .serving import ServerLimits, create_app
@@ -163,16 +165,29 @@ def serve_command(args) -> int:
             max_body_bytes=args.max_body_bytes,
             max_sequences=args.max_sequences,
             max_new_tokens=args.max_new_tokens_limit,
+            max_prompt_tokens=args.max_prompt_tokens,
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_wait_ms,
+            max_queued=args.max_queued,
+            request_timeout_s=args.request_timeout,
         )
     except ValueError as error:
         raise CommandError(str(error)) from error
-    app = create_app(_load_answerer(args), limits, model_name=str(args.model))
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"serve: listening on {args.host}, beyond this machine; the server has no authentication", file=sys.stderr)
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    name = args.served_model_name or Path(args.model).resolve().name
+    app = create_app(_load_answerer(args), limits, model_name=name, api_key=api_key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(
+            f"serve: listening on {args.host}, beyond this machine, without an API key "
+            f"(set --api-key or {API_KEY_VARIABLE})",
+            file=sys.stderr,
+        )
+    print(f"serve: model {name!r} on http://{args.host}:{args.port}/v1 (OpenAI API) and /v1/answer", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+API_KEY_VARIABLE = "PROTEIN_LLAVA_API_KEY"
 
 
 # --- export
@@ -410,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="an HTTP server: POST /v1/answer, GET /health (FastAPI + uvicorn)",
+        help="an HTTP server: the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), /v1/answer, /health",
         description="Serve the model over HTTP. POST /v1/answer {\"sequences\": [...], \"question\": \"...\", "
         "\"max_new_tokens\": 64} answers {\"answers\": [...]}; concurrent requests are batched into one greedy "
         "generate call. GET /health reports readiness and batching counters.",
@@ -423,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-sequences", type=_positive, default=32, help="most sequences per request (default: 32)")
     serve.add_argument("--max-new-tokens-limit", type=_positive, default=512, help="largest max_new_tokens a request may ask (default: 512)")
     serve.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body; larger gets 413 (default: 1 MiB)")
+    serve.add_argument("--max-prompt-tokens", type=_positive, default=None, help="most model input tokens per prompt, proteins included (default: the model's context minus max_tokens)")
+    serve.add_argument("--max-queued", type=_positive, default=64, help="most prompts waiting or running; more get 503 + Retry-After (default: 64)")
+    serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds before an unanswered request is cancelled with 504 (default: 300)")
+    serve.add_argument("--served-model-name", default=None, help="the model id of /v1/models and requests' 'model' (default: the folder's name)")
+    serve.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_VARIABLE}, else none)")
     serve.add_argument("--overflow", choices=("error", "truncate"), default=None, help="proteins over the encoder limit: 422, or cut (default: as saved)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(handler=serve_command)

@@ -80,6 +80,9 @@ class RequestRejected(HTTPException):
         self.reason = reason
 
 
+_HTTP_REASONS = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
+
+
 def _rejection(error: RequestRejected) -> JSONResponse:
     kind = "invalid_request_error" if error.status_code < 500 else "server_error"
     body = {"reason": error.reason, "detail": error.detail, "error": {"message": error.detail, "type": kind, "code": error.reason}}
@@ -310,6 +313,12 @@ def create_app(
     @app.exception_handler(RequestRejected)
     async def rejected(request: Request, error: RequestRejected):
         return _rejection(error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        # Starlette's own refusals (unparsable body, unknown path, wrong method) in the same shape as ours.
+        reason = _HTTP_REASONS.get(error.status_code, "http_error")
+        return _rejection(RequestRejected(error.status_code, reason, str(error.detail), getattr(error, "headers", None)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):

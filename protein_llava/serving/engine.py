@@ -257,7 +257,7 @@ class _RowStops(StoppingCriteria):
         self.jobs = jobs
         self.prompt_length = prompt_length
         self.tokenizer = tokenizer
-        self.ended_rows: set[int] = set()
+        self.ended_rows: dict[int, int] = {}  # row → how many new tokens it had when it ended
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -268,15 +268,15 @@ class _RowStops(StoppingCriteria):
                 # Decoding the whole tail keeps stop strings that span several tokens.
                 text = self.tokenizer.decode(input_ids[row, self.prompt_length :], skip_special_tokens=True)
                 done[row] = any(stop in text for stop in job.stop)
-            if done[row]:
-                self.ended_rows.add(row)
+            if done[row] and row not in self.ended_rows:
+                self.ended_rows[row] = input_ids.shape[1] - self.prompt_length
         return done
 
 
 class _RowStreamer(BaseStreamer):
     """Hands each generated token to its row's job (the first `put` is the prompt, which is skipped)."""
 
-    def __init__(self, jobs: list[Job], stop_token_ids: set[int], stopped_rows: set[int]):
+    def __init__(self, jobs: list[Job], stop_token_ids: set[int], stopped_rows: dict[int, int]):
         self.jobs = jobs
         self.stop_token_ids = stop_token_ids
         self.stopped_rows = stopped_rows  # rows the stopping criterion ended; their later tokens are padding
@@ -342,7 +342,8 @@ def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
     logits = torch.stack(output.logits, dim=1).float() if want_logits else None  # (batch, new, vocab)
     completions = []
     for row, job in enumerate(jobs):
-        tokens = new_tokens[row][: job.max_new_tokens]
+        # A row the stopping criterion ended is padding after that point.
+        tokens = new_tokens[row][: min(job.max_new_tokens, row_stops.ended_rows.get(row, job.max_new_tokens))]
         finish = "length"
         for index, token in enumerate(tokens):
             if token in stop_ids:
