@@ -74,7 +74,7 @@ def test_a_cancelled_row_stops_at_the_next_token_and_spares_the_others(tiny_answ
 
     jobs[0].stream = cancel_after_two
     completions = run_batch(tiny_answerer, jobs)
-    assert len(completions[0].token_ids) <= 3 < 12
+    assert len(completions[0].token_ids) <= 3  # of 12 allowed
     assert completions[1].token_ids == reference[1].token_ids  # the other row is untouched
     if len(reference[0].token_ids) == 12:
         assert completions[0].finish_reason == "cancelled"
