@@ -306,10 +306,19 @@ class _RowStreamer(BaseStreamer):
 def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
     """One batch of jobs that share sampling settings: echo logprobs by one forward, then `generate`."""
     processor, model, device = answerer.processor, answerer.model, answerer.device
-    prompt_logprobs = _prompt_logprobs(answerer, jobs) if any(job.echo_logprobs for job in jobs) else [None] * len(jobs)
     longest_new = max(job.max_new_tokens for job in jobs)
-    if longest_new == 0:
-        return [Completion([], "", "length", prompt_logprobs=lp) for lp in prompt_logprobs]
+    if not any(job.echo_logprobs for job in jobs):
+        prompt_logprobs = [None] * len(jobs)
+    else:
+        prompt_logprobs, next_logits = _prompt_logprobs(answerer, jobs)
+        if longest_new == 0:
+            return [Completion([], "", "length", prompt_logprobs=lp) for lp in prompt_logprobs]
+        if longest_new == 1 and jobs[0].sampling.greedy:
+            # lm-eval's log-likelihood request (echo, max_tokens=1): the one greedy token is the argmax of
+            # the forward just run, so no second pass through `generate`.
+            return [
+                _one_greedy_token(answerer, job, logits, logprobs) for job, logits, logprobs in zip(jobs, next_logits, prompt_logprobs)
+            ]
 
     input_ids, attention_mask, protein_input_ids = _pad(answerer, jobs, side="left")
     sampling = jobs[0].sampling
@@ -380,14 +389,36 @@ def _token_logprobs(position_logprobs: torch.Tensor, token: int, top: int) -> To
     return TokenLogprobs(token, float(position_logprobs[token]), best)
 
 
-def _prompt_logprobs(answerer, jobs: list[Job]) -> list[list[TokenLogprobs | None] | None]:
-    """Every prompt token's log-probability given the tokens before it, by one right-padded forward."""
+def _one_greedy_token(answerer, job: Job, logits: torch.Tensor, prompt_logprobs) -> Completion:
+    """The completion `generate` would give for one greedy new token, from the prompt's last logits."""
+    choosable = logits.clone()
+    if answerer.processor.protein_token_id < choosable.shape[0]:
+        choosable[answerer.processor.protein_token_id] = float("-inf")  # as generate's suppress_tokens
+    token = int(choosable.argmax())
+    if token in answerer.stop_token_ids:
+        return Completion([], "", "stop", prompt_logprobs, [] if job.logprobs is not None else None)
+    text = answerer.processor.tokenizer.decode([token], skip_special_tokens=True)
+    finish, tokens = "length", [token]
+    cut = [text.find(stop) for stop in job.stop if stop in text]
+    if cut:  # as in `run_batch`: the text ends before the stop string, the token stays if text is left
+        text, finish = text[: min(cut)], "stop"
+        tokens = tokens if text else []
+    logprobs = None
+    if job.logprobs is not None:
+        logprobs = [_token_logprobs(torch.log_softmax(logits.float(), dim=-1), t, job.logprobs) for t in tokens]
+    return Completion(tokens, text, finish, prompt_logprobs, logprobs)
+
+
+def _prompt_logprobs(answerer, jobs: list[Job]) -> tuple[list[list[TokenLogprobs | None] | None], list[torch.Tensor]]:
+    """Every prompt token's log-probability given the tokens before it, by one right-padded forward;
+    also each prompt's logits for the next (first new) token."""
     input_ids, attention_mask, protein_input_ids = _pad(answerer, jobs, side="right")
     logits = answerer.model(
         input_ids=input_ids, attention_mask=attention_mask, protein_input_ids=protein_input_ids, use_cache=False
     ).logits  # (batch, length, vocab)
-    result = []
+    result, next_logits = [], []
     for row, job in enumerate(jobs):
+        next_logits.append(logits[row, job.prompt.num_tokens - 1])
         if not job.echo_logprobs:
             result.append(None)
             continue
@@ -400,7 +431,7 @@ def _prompt_logprobs(answerer, jobs: list[Job]) -> list[list[TokenLogprobs | Non
             [None]
             + [None if ids[i + 1] == placeholder else _token_logprobs(row_logprobs[i], ids[i + 1], top) for i in range(len(ids) - 1)]
         )
-    return result
+    return result, next_logits
 
 
 def _pad(answerer, jobs: list[Job], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

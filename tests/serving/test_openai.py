@@ -51,6 +51,9 @@ def test_echo_logprobs_equal_a_direct_forward(server, client):
         assert len(top) <= 2 and max(top.values()) >= value - 1e-6
     # The generated token is the greedy one: its logprob is the best of its position.
     assert logprobs["token_logprobs"][-1] == pytest.approx(max(logprobs["top_logprobs"][-1].values()))
+    # ... and the very token `generate` picks for the same prompt without echo.
+    plain = client.post("/v1/completions", json={"prompt": text, "max_tokens": 1, "temperature": 0}).json()
+    assert choice["text"] == text + plain["choices"][0]["text"]
 
 
 def test_logprobs_after_a_protein_are_exact_and_inside_are_null(server, client):
