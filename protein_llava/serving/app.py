@@ -416,6 +416,14 @@ def create_app(
         max_tokens = min(256, limits.max_new_tokens) if requested is None else requested
         _check_max_tokens(max_tokens, limits, "max_tokens", minimum=1)
         messages = [message.as_template_message() for message in body.messages]
+        for index, message in enumerate(body.messages):
+            for part_index, part in enumerate(message.content if isinstance(message.content, list) else []):
+                if isinstance(part, oai.ProteinPart):
+                    where = f"messages[{index}].content[{part_index}]"
+                    try:
+                        normalize_sequence(part.sequence, where)
+                    except ProteinSequenceError as error:
+                        raise RequestRejected(422, "invalid_sequence", str(error)) from error
         try:
             rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
         except ProteinSequenceError as error:
