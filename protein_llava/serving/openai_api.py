@@ -21,7 +21,7 @@ from .engine import Completion, TokenLogprobs
 from .prompts import PreparedPrompt
 
 MAX_TOP_LOGPROBS = 20
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 16  # OpenAI takes 4; lm-eval generation tasks can send more
 MAX_SEED = 2**63 - 1
 
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]

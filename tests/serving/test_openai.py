@@ -208,3 +208,28 @@ def test_api_key_is_required_when_set(tiny_answerer):
             assert answer.status_code == 401
         sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", http_client=httpx.Client(trust_env=False), max_retries=0)
         assert sdk.completions.create(model=MODEL_NAME, prompt="abc", max_tokens=2).choices[0].text is not None
+
+
+def test_streamed_text_with_a_stop_string_equals_the_whole_answer(client):
+    messages = [{"role": "user", "content": user_message(QUESTION, PROTEIN)}]
+    free = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 12, "temperature": 0}).json()
+    text = free["choices"][0]["message"]["content"]
+    assert len(text) >= 4, f"the tiny model's answer {text!r} is too short to cut with a stop string"
+    stop = text[2:4]
+    payload = {"messages": messages, "max_tokens": 12, "temperature": 0, "stop": [stop]}
+    whole = client.post("/v1/chat/completions", json=payload).json()
+    assert whole["choices"][0]["message"]["content"] == text[: text.find(stop)]
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions", json={**payload, "stream": True}) as response:
+        events = read_events(response)
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1] if c["choices"])
+    assert streamed == whole["choices"][0]["message"]["content"]
+
+
+def test_streaming_holds_back_what_may_become_a_stop_string():
+    from protein_llava.serving.app import _streamable
+
+    assert _streamable("hello wor", ("world",)) == "hello "
+    assert _streamable("hello world and more", ("world",)) == "hello "
+    assert _streamable("abc\ufffd", ()) == "abc"
+    assert _streamable("abc", ("x", "bcd")) == "a"
