@@ -224,27 +224,39 @@ def _resolve(job: Job, completion: Completion | None = None, error: Exception | 
         job.future.set_result(completion)
 
 
-def form_batches(jobs: list[Job], max_padding: float) -> list[list[Job]]:
-    """Jobs that can share a `generate` call, in batches of similar length: sorted by prompt length and
-    cut wherever padding to the batch's longest prompt would exceed `max_padding` × the real tokens."""
+def form_batches(jobs: list[Job], max_padding: float, max_new_tokens_ratio: float = 2.0) -> list[list[Job]]:
+    """Jobs that can share a `generate` call, in batches of similar size, cheapest batch first.
+
+    Within a sampling group, jobs are sorted by (new tokens, prompt length); a batch is cut wherever padding
+    to its longest prompt would exceed `max_padding` × its real tokens, or its largest `max_new_tokens`
+    would exceed `max_new_tokens_ratio` × its smallest: a batch runs until its longest row is done, so a
+    short answer must not wait inside a long one. Cheap batches run first for the same reason.
+    """
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault(job.batch_key, []).append(job)
     batches = []
     for group in groups.values():
-        group.sort(key=lambda job: job.prompt.num_tokens)
+        group.sort(key=lambda job: (job.max_new_tokens, job.prompt.num_tokens))
         current: list[Job] = []
         for job in group:
             candidate = [*current, job]
-            padded = len(candidate) * job.prompt.num_tokens
+            longest = max(j.prompt.num_tokens for j in candidate)
+            padded = len(candidate) * longest
             real = sum(j.prompt.num_tokens for j in candidate)
-            if current and padded > max_padding * real:
+            too_long = job.max_new_tokens > max_new_tokens_ratio * max(1, candidate[0].max_new_tokens)
+            if current and (padded > max_padding * real or too_long):
                 batches.append(current)
                 candidate = [job]
             current = candidate
         if current:
             batches.append(current)
-    return batches
+    return sorted(batches, key=_batch_cost)
+
+
+def _batch_cost(batch: list[Job]) -> int:
+    """A rough cost of a batch: its rows × (prompt + new tokens) of its longest row."""
+    return len(batch) * max(job.prompt.num_tokens + job.max_new_tokens for job in batch)
 
 
 # --- the model work (runs in a worker thread)

@@ -111,3 +111,11 @@ def test_one_failing_prompt_does_not_fail_its_batch(tiny_answerer):
     assert answered.token_ids == expected.token_ids
     assert isinstance(failed, ValueError) and "placeholder" in str(failed)
     assert engine_stats.failed_batches >= 1 and engine_stats.largest_batch == 2
+
+
+def test_a_short_answer_does_not_wait_inside_a_long_one(tiny_answerer):
+    processor = tiny_answerer.processor
+    prompt = prepare_text_prompt(processor, "abc", "p")
+    short, other_short, long = Job(prompt, 4), Job(prompt, 6), Job(prompt, 400)
+    batches = form_batches([long, short, other_short], max_padding=2.0)
+    assert batches == [[short, other_short], [long]]  # the cheap batch runs first, without the long row
