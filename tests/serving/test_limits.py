@@ -119,3 +119,20 @@ def test_a_short_answer_does_not_wait_inside_a_long_one(tiny_answerer):
     short, other_short, long = Job(prompt, 4), Job(prompt, 6), Job(prompt, 400)
     batches = form_batches([long, short, other_short], max_padding=2.0)
     assert batches == [[short, other_short], [long]]  # the cheap batch runs first, without the long row
+
+
+def test_a_stream_whose_client_hangs_up_stops_generating(tiny_answerer):
+    body = {"messages": [{"role": "user", "content": "hi <seq> M K T </seq>"}], "max_tokens": 3000, "stream": True, "temperature": 0}
+    with serve(tiny_answerer, max_new_tokens=3000, max_wait_ms=0) as url, httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+        started = time.monotonic()
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            for line in response.iter_lines():
+                if '"content": "' in line and '"role"' not in line:
+                    break  # the first generated text: now the client goes away
+        deadline = time.monotonic() + 30
+        while stats(client)["cancelled"] < 1:
+            assert time.monotonic() < deadline, stats(client)
+            time.sleep(0.1)
+        # The row stopped long before 3000 tokens: the server is free again at once.
+        assert client.post("/v1/answer", json=ANSWER).status_code == 200
+        assert time.monotonic() - started < 30
