@@ -103,7 +103,8 @@ def main() -> int:
     predictions = {}
     for line in (args.out / "eval" / "predictions.jsonl").read_text().splitlines():
         row = json.loads(line)
-        predictions[row["item_id"]] = row
+        if row["arm"] == "model":  # the file also holds the retrieval arm's rows
+            predictions[row["item_id"]] = row
 
     items, texts, add_bos = prompts_of(args)
     task_folder = write_lm_eval_task(items, texts, args.out / "task", TASK)
