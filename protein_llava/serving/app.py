@@ -440,30 +440,32 @@ def create_app(
             (result,) = await await_completions(request, engine, [job], limits.request_timeout_s)
             return oai.chat_response(model_name, result, prompt.num_tokens, tokenizer)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        job.stream = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)
+        try:
+            (future,) = engine.submit([job])  # before the stream starts, so a full queue is a real 503
+        except QueueFull as error:
+            raise RequestRejected(503, "queue_full", f"{error}; retry shortly", {"Retry-After": "1"}) from error
+        future.add_done_callback(lambda _: tokens.put_nowait(None))
         return StreamingResponse(
-            _chat_events(request, engine, job, model_name, tokenizer, limits.request_timeout_s, include_usage),
+            _chat_events(job, future, tokens, model_name, tokenizer, limits.request_timeout_s, include_usage),
             media_type="text/event-stream",
         )
 
     return app
 
 
-async def _chat_events(request: Request, engine: Engine, job: Job, model: str, tokenizer, timeout_s: float, include_usage: bool):
+async def _chat_events(
+    job: Job, future: asyncio.Future, tokens: asyncio.Queue, model: str, tokenizer, timeout_s: float, include_usage: bool
+):
     """Server-sent events of one streamed chat completion: role, content deltas, finish, [DONE].
 
-    Text is held back while it could still turn into a stop string, or ends inside a character; the
-    final text always equals the non-streamed answer.
+    `tokens` receives the job's token ids as they are generated, then None when the job is done. Text is
+    held back while it could still turn into a stop string, or ends inside a character; the final text
+    always equals the non-streamed answer.
     """
     loop = asyncio.get_running_loop()
-    tokens: asyncio.Queue = asyncio.Queue()
-    job.stream = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)
-    try:
-        (future,) = engine.submit([job])
-    except QueueFull as error:
-        yield f"data: {_error_event(503, 'queue_full', str(error))}\n\n"
-        yield "data: [DONE]\n\n"
-        return
-    future.add_done_callback(lambda _: tokens.put_nowait(None))
     chunk_id, created = oai.new_id("chatcmpl"), int(time.time())
     deadline = loop.time() + timeout_s
     generated: list[int] = []
