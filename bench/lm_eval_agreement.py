@@ -95,7 +95,10 @@ def main() -> int:
     args = parser.parse_args()
     args.model = str(Path(args.model).resolve())
     args.out = args.out.resolve()
-    from protein_llava.evaluation.lm_eval_task import read_lm_eval_samples, write_lm_eval_task
+    from protein_llava.evaluation.lm_eval_task import (
+        read_lm_eval_samples,
+        write_lm_eval_task,
+    )
 
     started = time.monotonic()
     run([sys.executable, "eval.py", *eval_overrides(args)])

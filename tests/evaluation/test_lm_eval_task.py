@@ -9,7 +9,10 @@ from live_server import MODEL_NAME, TEST_LIMITS, live_server
 from sample_proteins import P1, P2
 
 from protein_llava.evaluation.benchmarks import BenchmarkItem, official_prompt
-from protein_llava.evaluation.lm_eval_task import read_lm_eval_samples, write_lm_eval_task
+from protein_llava.evaluation.lm_eval_task import (
+    read_lm_eval_samples,
+    write_lm_eval_task,
+)
 from protein_llava.predict import Answerer
 from protein_llava.sequences import format_sequence
 from protein_llava.serving import ServerLimits, create_app
