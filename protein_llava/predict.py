@@ -18,29 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .sequences import ProteinSequenceError, fit_to_limit, format_sequence, normalize_sequence
-
-# ProteinLMDataset's UniProt instructions (its SFT template), by the short names the CLI takes.
-# "catalytic" has no UniProt template in the dataset; its wording follows the others' form.
-TEMPLATES = {
-    "function": "The sequence of the protein is as follows. Please analyze the sequence and describe the functions of this protein.",
-    "subunit": "Examine this protein sequence and provide a comprehensive description of its subunit structure, including details on how the subunits are organized and interact with each other.",
-    "tissue": "Examine the provided protein sequence and detail its tissue specificity, including which tissues or organ systems the protein is predominantly expressed in.",
-    "ptm": "Identify and describe any post-translational modifications in the given protein sequence, including types of modifications and their locations.",
-    "induction": "Investigate and describe any known inducers or conditions that lead to the expression of this protein.",
-    "disease": "Analyze this protein sequence for any known associations with diseases, including details on the nature of the involvement and relevant diseases.",
-    "catalytic": "Examine this protein sequence and describe its catalytic activity, including the chemical reaction it catalyzes and any cofactors it needs.",
-}
-# The dataset's `input` field; training joins instruction and input with a newline (data.records).
-PROTEIN_INPUT = "Presented here is a sequence of amino acids in a protein: {seq}"
-
-
-def user_message(question: str, residues: str | None) -> str:
-    """The user turn for a question about a protein, in the form the SFT data was rendered in."""
-    if residues is None:
-        return question
-    return f"{question}\n{PROTEIN_INPUT.format(seq=format_sequence(residues))}"
-
+from .data.prompts import TEMPLATES, user_message
+from .sequences import ProteinSequenceError, fit_to_limit, normalize_sequence
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

@@ -5,7 +5,6 @@ import json
 import pytest
 from sample_proteins import P1, P2
 
-from protein_llava.data.demo import FUNCTION_INPUT, FUNCTION_INSTRUCTION
 from protein_llava.predict import (
     TEMPLATES,
     Answerer,
@@ -31,13 +30,11 @@ def answerer(tiny_folder):
 
 
 def test_templates_use_the_dataset_wording():
-    assert set(TEMPLATES) == {"function", "subunit", "tissue", "ptm", "induction", "disease", "catalytic"}
-    assert TEMPLATES["function"] == FUNCTION_INSTRUCTION
+    assert set(TEMPLATES) == {"function", "subunit", "tissue", "ptm", "induction", "disease", "catalytic", "location"}
 
 
 def test_user_message_is_the_sft_form():
     assert user_message("Q?", "MKT") == "Q?\nPresented here is a sequence of amino acids in a protein: <seq> M K T </seq>"
-    assert user_message("Q?", "MKT") == f"Q?\n{FUNCTION_INPUT.format(seq='<seq> M K T </seq>')}"
     assert user_message("Q?", None) == "Q?"
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ..configuration import ESM2_MAX_RESIDUES
 from ..files import atomic_write
-from ..sequences import ProteinSequenceError, format_sequence, normalize_sequence
+from ..sequences import ProteinSequenceError, normalize_sequence
+from .prompts import TEMPLATES, protein_input
 
 DISTRIBUTION, PACKAGE = "p-scldata", "scldata"
 WRITABLE_SPLITS = ("trn", "evl")
@@ -54,10 +55,6 @@ LOCATIONS = {
     "Cytoplasm;Membrane": "cytoplasm and membrane",
     "Cytoplasm;Cytoskeleton": "cytoplasm and cytoskeleton",
 }
-INSTRUCTION = (
-    "The sequence of the protein is as follows. Please analyze the sequence and describe its subcellular location."
-)
-INPUT = "Presented here is a sequence of amino acids in a protein: {seq}"
 OUTPUT = "The protein is located in the {location}."
 SUBSET = "SCL2205_Location"
 SKIP_REASONS = ("invalid_sequence", "too_long")
@@ -87,8 +84,8 @@ def package_data_dir() -> Path:
 def protein_record(accession: str, residues: str, location: str) -> dict:
     """One SFT record in ProteinLMDataset's flat shape (`residues` already normalised)."""
     return {
-        "instruction": INSTRUCTION,
-        "input": INPUT.format(seq=format_sequence(residues)),
+        "instruction": TEMPLATES["location"],
+        "input": protein_input(residues),
         "output": OUTPUT.format(location=location),
         "subset": SUBSET,
         "id": accession,
