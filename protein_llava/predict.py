@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .data.prompts import TEMPLATES, user_message
-from .sequences import ProteinSequenceError, fit_to_limit, normalize_sequence
+from .sequences import ProteinSequenceError, check_sequence
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -144,9 +144,7 @@ class ChatSession:
 
     def load_protein(self, sequence: str) -> str:
         """Validate and load a protein (ProteinSequenceError names a bad residue); the history is cleared."""
-        processor = self.answerer.processor
-        residues = normalize_sequence(sequence, "the protein")
-        self.residues = fit_to_limit(residues, processor.max_residues, processor.overflow, "the protein")
+        self.residues = self.answerer.processor.check_sequence(sequence, "the protein").residues
         self.messages = []
         return self.residues
 
@@ -190,8 +188,8 @@ class Query:
 
 @dataclass(frozen=True)
 class RecordProblem:
-    """A record left out, with a reason code (duplicate_id, empty, invalid_residue, too_long,
-    generation_error) and a message naming the character, position or limit."""
+    """A record left out, with a reason code (duplicate_id, generation_error, or a `SequenceReason`:
+    empty_sequence, invalid_residue, too_long_protein) and a message naming the character, position or limit."""
 
     id: str
     reason: str
@@ -228,25 +226,13 @@ def check_records(
             problems.append(RecordProblem(record.id, "duplicate_id", f"id {record.id!r} appears more than once; the first record was kept"))
             continue
         seen.add(record.id)
-        if not "".join(record.sequence.split()):
-            problems.append(RecordProblem(record.id, "empty", f"record {record.id!r} has no residues"))
-            continue
         try:
-            residues = normalize_sequence(record.sequence, f"record {record.id!r}")
+            # Truncation is reported in each answer row (`truncated_to`), not as a warning per record.
+            checked = check_sequence(record.sequence, max_residues, overflow, f"record {record.id!r}", warn=False)
         except ProteinSequenceError as error:
-            problems.append(RecordProblem(record.id, "invalid_residue", str(error)))
+            problems.append(RecordProblem(record.id, error.reason, str(error)))
             continue
-        if len(residues) > max_residues and overflow == "error":
-            problems.append(
-                RecordProblem(
-                    record.id,
-                    "too_long",
-                    f"record {record.id!r} has {len(residues)} residues, over the encoder's limit of {max_residues} "
-                    "(--overflow truncate keeps the first residues)",
-                )
-            )
-            continue
-        queries.append(Query(record.id, residues[:max_residues], len(residues)))
+        queries.append(Query(record.id, checked.residues, checked.length))
     return queries, problems
 
 

@@ -29,11 +29,12 @@ LLAVA_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assi
 
 
 class RecordError(ValueError):
-    """A record that cannot be used. `reason` is a short code the run report counts by."""
+    """A record that cannot be used. `reason` is a short code the run report counts by (a `SequenceReason`
+    for a bad protein or `<seq>` markup)."""
 
     def __init__(self, reason: str, record_id: str, detail: str):
         super().__init__(f"{record_id}: {detail}")
-        self.reason = reason
+        self.reason = str(reason)  # a plain string in reports, whatever enum it came from
         self.record_id = record_id
 
 
@@ -159,7 +160,7 @@ def _check_sequences(conversation: Conversation) -> None:
     try:
         _ = conversation.proteins  # parses every <seq> span: bad markup or residues fail here, naming the record
     except ProteinSequenceError as error:
-        raise RecordError("bad_sequence", conversation.record_id, str(error)) from error
+        raise RecordError(error.reason, conversation.record_id, str(error)) from error
 
 
 # --- sources

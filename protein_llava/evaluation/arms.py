@@ -74,8 +74,8 @@ class Arm:
             return None
         try:
             self.processor.expand_proteins(text)
-        except ProteinSequenceError:
-            return "bad_sequence"
+        except ProteinSequenceError as error:
+            return error.reason
         return None
 
 
