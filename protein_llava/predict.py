@@ -18,13 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .data.prompts import TEMPLATES, user_message
+from .data.prompts import TEMPLATES, user_message  # noqa: F401 (TEMPLATES: serving still imports it from here)
+from .loading import PROTEIN_LLM_MODEL_TYPE, load_model, saved_model_type
 from .sequences import ProteinSequenceError, check_sequence
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Answerer:
@@ -51,33 +47,14 @@ class Answerer:
         `load_in_4bit`: the decoder in 4-bit NF4 (bitsandbytes), computing in `dtype` (default float32);
         encoder and projector stay in full precision.
         """
-        from .configuration import ProteinLLMConfig
-        from .modeling import ProteinLLM
-        from .processing import ProteinLLMProcessor
-
-        folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json)")
-        model_type = json.loads(config_path.read_text()).get("model_type")
-        if model_type != ProteinLLMConfig.model_type:
+        model_type = saved_model_type(folder)
+        if model_type != PROTEIN_LLM_MODEL_TYPE:
             raise ValueError(
-                f"{folder} holds a {model_type!r} model, not a ProteinLLM (model_type 'protein_llava'); "
+                f"{folder} holds a {model_type!r} model, not a ProteinLLM (model_type {PROTEIN_LLM_MODEL_TYPE!r}); "
                 "the text-only arm cannot read proteins"
             )
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype is not None and dtype not in dtypes:
-            raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-        device = resolve_device(device)
-        options = {"dtype": dtypes[dtype]} if dtype else {}
-        if load_in_4bit:
-            from .quantization import nf4_config
-
-            options["quantization_config"] = nf4_config(dtypes[dtype] if dtype else torch.float32)
-            options["device_map"] = {"": device}
-        model = ProteinLLM.from_pretrained(folder, **options)
-        processor = ProteinLLMProcessor.from_pretrained(folder)
-        return cls(model, processor, device)
+        loaded = load_model(folder, dtype, device, load_in_4bit=load_in_4bit)
+        return cls(loaded.model, loaded.processor, loaded.device)
 
     @property
     def max_residues(self) -> int:

@@ -6,7 +6,12 @@ import random
 import pytest
 
 from protein_llava.data.demo import make_protein, protein_records
-from protein_llava.data.prompts import TEMPLATES, join_user_turn, protein_input, user_message
+from protein_llava.data.prompts import (
+    TEMPLATES,
+    join_user_turn,
+    protein_input,
+    user_message,
+)
 from protein_llava.data.records import parse_record
 from protein_llava.data.scl2205 import protein_record
 from protein_llava.data.tokenize import IGNORE_INDEX, ConversationTokenizer
