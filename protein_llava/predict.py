@@ -20,7 +20,7 @@ import torch
 
 from .data.prompts import TEMPLATES, user_message  # noqa: F401 (TEMPLATES: serving still imports it from here)
 from .loading import PROTEIN_LLM_MODEL_TYPE, load_model, saved_model_type
-from .sequences import ProteinSequenceError, check_sequence
+from .sequences import CheckedSequence, ProteinSequenceError, check_sequence
 
 
 class Answerer:
@@ -151,16 +151,11 @@ class FastaRecord:
 
 
 @dataclass(frozen=True)
-class Query:
-    """A record that passed validation: its residues (cut to the encoder limit under overflow=truncate)."""
+class Query(CheckedSequence):
+    """A record that passed validation: its id, residues (cut to the encoder limit under overflow=truncate)
+    and length before any cut."""
 
-    id: str
-    residues: str
-    length: int
-
-    @property
-    def truncated(self) -> bool:
-        return len(self.residues) < self.length
+    id: str = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -209,7 +204,7 @@ def check_records(
         except ProteinSequenceError as error:
             problems.append(RecordProblem(record.id, error.reason, str(error)))
             continue
-        queries.append(Query(record.id, checked.residues, checked.length))
+        queries.append(Query(checked.residues, checked.length, id=record.id))
     return queries, problems
 
 

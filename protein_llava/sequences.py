@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 from typing import Literal
 
 # The 20 standard residues plus the ambiguity / rare codes ESM-2's alphabet has tokens for:
@@ -21,7 +21,7 @@ OverflowPolicy = Literal["error", "truncate"]
 _TAG = re.compile(r"</?seq>", re.IGNORECASE)
 
 
-class SequenceReason(StrEnum):
+class SequenceReason(str, Enum):  # enum.StrEnum once Python 3.10 support goes
     """Why a protein (or its markup) cannot be used. The values are public codes: they are the strings
     written to reports, `*.errors.jsonl` and HTTP rejections, so renaming one is a breaking change."""
 
@@ -33,6 +33,9 @@ class SequenceReason(StrEnum):
     """More residues than the encoder takes, under overflow="error"."""
     BAD_MARKUP = "bad_markup"
     """Unbalanced or nested `<seq>` tags, or `<protein>` markers that do not match the proteins given."""
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class ProteinSequenceError(ValueError):
