@@ -21,17 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """A saved ProteinLLM, and its bare decoder saved with a tokenizer that has no pad token."""
+def text_folder(tmp_path_factory):
+    """The tiny model's bare decoder, saved with a tokenizer that has no pad token."""
     model, processor = build_tiny(seed=0)
-    root = tmp_path_factory.mktemp("loading")
-    model.save_pretrained(root / "multimodal")
-    processor.save_pretrained(root / "multimodal")
-    model.language_model.save_pretrained(root / "text")
-    tokenizer = processor.tokenizer
-    tokenizer.pad_token = None
-    tokenizer.save_pretrained(root / "text")
-    return root, model
+    folder = tmp_path_factory.mktemp("text-only")
+    model.language_model.save_pretrained(folder)
+    processor.tokenizer.pad_token = None
+    processor.tokenizer.save_pretrained(folder)
+    return folder
 
 
 def test_dtype_names_and_devices():
@@ -44,30 +41,28 @@ def test_dtype_names_and_devices():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-def test_a_protein_llm_folder_loads_with_its_processor_in_the_dtype_asked(folders):
-    root, built = folders
-    assert saved_model_type(root / "multimodal") == "protein_llava" and is_protein_llm_folder(root / "multimodal")
-    loaded = load_model(root / "multimodal", "bfloat16", "cpu")
+def test_a_protein_llm_folder_loads_with_its_processor_in_the_dtype_asked(tiny_folder):
+    built, _ = build_tiny(seed=0)  # what tiny_folder holds
+    assert saved_model_type(tiny_folder) == "protein_llava" and is_protein_llm_folder(tiny_folder)
+    loaded = load_model(tiny_folder, "bfloat16", "cpu")
     assert loaded.multimodal and loaded.tokenizer is loaded.processor.tokenizer
     assert not loaded.model.training and loaded.device == torch.device("cpu")
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    as_saved = load_model(root / "multimodal", device="cpu")
+    as_saved = load_model(tiny_folder, device="cpu")
     for (name, saved), (_, again) in zip(built.state_dict().items(), as_saved.model.state_dict().items()):
         torch.testing.assert_close(again, saved, rtol=0, atol=0, msg=name)
 
 
-def test_a_text_folder_loads_text_only_with_a_pad_token(folders):
-    root, _ = folders
-    assert not is_protein_llm_folder(root / "text") and not is_protein_llm_folder("smollm2")
-    loaded = load_model(root / "text", device="cpu")
+def test_a_text_folder_loads_text_only_with_a_pad_token(text_folder):
+    assert not is_protein_llm_folder(text_folder) and not is_protein_llm_folder("smollm2")
+    loaded = load_model(text_folder, device="cpu")
     assert not loaded.multimodal and loaded.processor is None
     assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token is not None
 
 
-def test_the_answerer_refuses_a_text_folder_before_loading_it(folders, tmp_path):
-    root, _ = folders
+def test_the_answerer_refuses_a_text_folder(text_folder, tmp_path):
     with pytest.raises(ValueError, match="holds a 'llama' model, not a ProteinLLM"):
-        Answerer.from_folder(root / "text", device="cpu")
+        Answerer.from_folder(text_folder, device="cpu")
     with pytest.raises(FileNotFoundError, match="is not a saved model folder"):
         Answerer.from_folder(tmp_path, device="cpu")
 
