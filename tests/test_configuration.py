@@ -1,17 +1,24 @@
 import json
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig
 
 import protein_llava  # noqa: F401  (registers the Auto classes)
+from protein_llava.builders import build_preset
 from protein_llava.configuration import (
     PRESET_NAMES,
+    PRESETS_DIR,
     ProjectorConfig,
     ProteinEncoderConfig,
     ProteinLLMConfig,
+    load_preset,
     num_protein_tokens,
 )
+from protein_llava.modeling import ProteinLLM
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
@@ -36,6 +43,72 @@ def test_preset_shapes():
     demo = ProteinLLMConfig.from_preset("smollm2-demo")
     assert (demo.encoder_config.num_layers, demo.encoder_config.embed_dim) == (6, 320)
     assert demo.text_config.hidden_size == 576
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train" / "model"
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_every_shipped_preset_loads_and_builds(name):
+    preset = load_preset(name)
+    assert preset.name == name and preset.description and PRESETS_DIR / f"{name}.json" in PRESETS_DIR.glob("*.json")
+    config = preset.model_config()
+    assert config.text_config.model_type == preset.config["text_config"]["model_type"]
+    for key, value in preset.config["encoder_config"].items():
+        assert getattr(config.encoder_config, key) == value  # what the file says is what the config holds
+    # Every preset builds; the large ones on the meta device (shapes only, no memory), checked by parameter count.
+    with torch.device("meta"):
+        model = ProteinLLM(config)
+    text, encoder = config.text_config, config.encoder_config
+    decoder_layers = text.num_hidden_layers * sum(p.numel() for p in model.language_model.model.layers[0].parameters())
+    assert sum(p.numel() for p in model.language_model.parameters()) > decoder_layers
+    encoder_layers = encoder.num_layers * sum(p.numel() for p in model.protein_encoder.esm.layers[0].parameters())
+    assert sum(p.numel() for p in model.protein_encoder.parameters()) > encoder_layers
+    if preset.decoder == "random":  # the tiny ones build for real, with their tokenizer
+        built, processor = build_preset(name)
+        # The one difference: the builder fills pad_token_id from the tokenizer when the preset leaves it null.
+        assert {**built.config.text_config.to_dict(), "pad_token_id": None} == config.text_config.to_dict()
+        assert processor.max_residues == config.encoder_config.max_residues
+
+
+def test_the_target_preset_has_the_size_of_esm2_650m_and_a_7b_decoder():
+    with torch.device("meta"):
+        model = ProteinLLM(ProteinLLMConfig.from_preset("esm2-650m-internlm2-7b"))
+    encoder = sum(p.numel() for p in model.protein_encoder.parameters())
+    decoder = sum(p.numel() for p in model.language_model.parameters())
+    assert 640e6 < encoder < 660e6 and 7.5e9 < decoder < 7.8e9
+
+
+def test_a_preset_file_is_validated(tmp_path):
+    good = json.loads((PRESETS_DIR / "tiny.json").read_text())
+    (tmp_path / "copy.json").write_text(json.dumps(good))
+    assert load_preset("copy", tmp_path).model_config().to_dict() == ProteinLLMConfig.from_preset("tiny").to_dict()
+    (tmp_path / "typo.json").write_text(json.dumps({**good, "decodr": "random"}))
+    with pytest.raises(ValueError, match="keys must be"):
+        load_preset("typo", tmp_path)
+    (tmp_path / "kind.json").write_text(json.dumps({**good, "decoder": "hub"}))
+    with pytest.raises(ValueError, match="preset 'kind': decoder must be one of"):
+        load_preset("kind", tmp_path)
+    (tmp_path / "shape.json").write_text(json.dumps({**good, "config": {**good["config"], "encoder_config": {"num_layers": 0}}}))
+    with pytest.raises(StrictDataclassClassValidationError, match="num_layers must be >= 1"):
+        load_preset("shape", tmp_path).model_config()
+    with pytest.raises(ValueError, match=r"unknown preset 'tiny'; choose one of \('copy', 'kind', 'shape', 'typo'\)"):
+        load_preset("tiny", tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_yaml_model_configs_agree_with_the_presets(path):
+    model = yaml.safe_load(path.read_text())
+    preset = load_preset(model["preset"])
+    if not model["text_only"]:
+        assert model["name"] == model["preset"]  # a multimodal model group is its preset
+        ProteinLLMConfig.from_preset(preset.name).with_projector(**model["projector"])
+    assert model["dtype"] == preset.dtype
+    assert model["encoder_weights"] in (None, preset.pretrained_encoder)
+    if preset.decoder == "folder":
+        assert model["decoder"], f"{path.name}: preset {preset.name!r} needs a decoder folder"
+    else:
+        assert model["decoder"] is None
 
 
 def test_unknown_preset_and_override_named():

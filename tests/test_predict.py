@@ -5,7 +5,6 @@ import json
 import pytest
 from sample_proteins import P1, P2
 
-from protein_llava.data.demo import FUNCTION_INPUT, FUNCTION_INSTRUCTION
 from protein_llava.predict import (
     TEMPLATES,
     Answerer,
@@ -31,13 +30,11 @@ def answerer(tiny_folder):
 
 
 def test_templates_use_the_dataset_wording():
-    assert set(TEMPLATES) == {"function", "subunit", "tissue", "ptm", "induction", "disease", "catalytic"}
-    assert TEMPLATES["function"] == FUNCTION_INSTRUCTION
+    assert set(TEMPLATES) == {"function", "subunit", "tissue", "ptm", "induction", "disease", "catalytic", "location"}
 
 
 def test_user_message_is_the_sft_form():
     assert user_message("Q?", "MKT") == "Q?\nPresented here is a sequence of amino acids in a protein: <seq> M K T </seq>"
-    assert user_message("Q?", "MKT") == f"Q?\n{FUNCTION_INPUT.format(seq='<seq> M K T </seq>')}"
     assert user_message("Q?", None) == "Q?"
 
 
@@ -53,14 +50,16 @@ def test_check_records_reasons():
     queries, problems = check_records(records, max_residues=10)
     assert [(q.id, q.residues) for q in queries] == [("lower", "MKT")]
     assert [(p.id, p.reason) for p in problems] == [
-        ("a", "too_long"),
+        ("a", "too_long_protein"),
         ("a", "duplicate_id"),
-        ("empty", "empty"),
+        ("empty", "empty_sequence"),
         ("stop", "invalid_residue"),
-        ("long", "too_long"),
+        ("long", "too_long_protein"),
     ]
     assert "invalid residue 'J' at position 4 in record 'stop'" in problems[3].detail
-    assert "11 residues, over the encoder's limit of 10" in problems[4].detail
+    assert "11 residues in record 'long' is longer than the encoder's limit of 10" in problems[4].detail
+    assert "empty protein sequence in record 'empty'" in problems[2].detail
+    assert json.loads(problems[4].to_json())["reason"] == "too_long_protein"
 
 
 def test_check_records_truncate_keeps_the_first_residues():

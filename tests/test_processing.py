@@ -55,24 +55,27 @@ def test_explicit_proteins_list_matches_inline_form():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "reason", "message"),
     [
-        ({"text": ["<seq> M K J T </seq>"]}, "invalid residue 'J' at position 3 in sample 0, protein 1"),
-        ({"text": ["A <protein> B"], "proteins": [[]]}, "1 <protein> markers but 0 proteins"),
-        ({"text": ["<seq> M </seq> <protein>"], "proteins": [["MK"]]}, "mixes inline <seq> spans"),
-        ({"text": ["a literal <protein> here"]}, "appears literally"),
-        ({"text": ["<seq> M K"]}, "never closed"),
+        ({"text": ["<seq> M K J T </seq>"]}, "invalid_residue", "invalid residue 'J' at position 3 in sample 0, protein 1"),
+        ({"text": ["A <protein> B"], "proteins": [[]]}, "bad_markup", "1 <protein> markers but 0 proteins"),
+        ({"text": ["<seq> M </seq> <protein>"], "proteins": [["MK"]]}, "bad_markup", "mixes inline <seq> spans"),
+        ({"text": ["a literal <protein> here"]}, "bad_markup", "appears literally"),
+        ({"text": ["<seq> M K"]}, "bad_markup", "never closed"),
+        ({"text": ["<seq> </seq>"]}, "empty_sequence", "empty protein sequence in sample 0, protein 1"),
     ],
 )
-def test_bad_input_gets_a_typed_error(kwargs, message):
-    with pytest.raises(ProteinSequenceError, match=message):
+def test_bad_input_gets_a_typed_error(kwargs, reason, message):
+    with pytest.raises(ProteinSequenceError, match=message) as error:
         make_processor()(**kwargs)
+    assert error.value.reason == reason
 
 
 def test_overlong_protein_policy():
     strict = ProteinLLMProcessor(byte_level_tokenizer(), max_residues=5)
-    with pytest.raises(ProteinSequenceError, match="7 residues in sample 0, protein 1 is longer than the encoder's limit of 5"):
+    with pytest.raises(ProteinSequenceError, match="7 residues in sample 0, protein 1 is longer than the encoder's limit of 5") as error:
         strict(text=["<seq> MKTAYIA </seq>"])
+    assert error.value.reason == "too_long_protein"
     lenient = ProteinLLMProcessor(byte_level_tokenizer(), max_residues=5, overflow="truncate")
     with pytest.warns(UserWarning, match="truncated from 7 to 5 residues"):
         out = lenient(text=["<seq> MKTAYIA </seq>"])

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 from protein_llava.sequences import (
     RESIDUES,
     ProteinSequenceError,
+    SequenceReason,
+    check_sequence,
     find_seq_spans,
-    fit_to_limit,
     format_sequence,
     normalize_sequence,
 )
@@ -32,23 +33,42 @@ def test_invalid_residue_named_with_position(sequence, char, position, hint):
     with pytest.raises(ProteinSequenceError) as error:
         normalize_sequence(sequence, record="record 7")
     message = str(error.value)
+    assert error.value.reason is SequenceReason.INVALID_RESIDUE
     assert repr(char) in message and f"position {position}" in message and "record 7" in message
     assert hint in message
 
 
 def test_empty_sequence_rejected():
-    with pytest.raises(ProteinSequenceError, match="empty protein sequence in sample 3"):
+    with pytest.raises(ProteinSequenceError, match="empty protein sequence in sample 3") as error:
         normalize_sequence("  \n ", record="sample 3")
+    assert error.value.reason is SequenceReason.EMPTY
 
 
 def test_length_policy():
-    with pytest.raises(ProteinSequenceError, match="longer than the encoder's limit of 5"):
-        fit_to_limit("MKTAYIA", 5, "error")
+    with pytest.raises(ProteinSequenceError, match="longer than the encoder's limit of 5") as error:
+        check_sequence("MKTAYIA", 5, "error")
+    assert error.value.reason is SequenceReason.TOO_LONG
     with pytest.warns(UserWarning, match="truncated from 7 to 5 residues"):
-        assert fit_to_limit("MKTAYIA", 5, "truncate") == "MKTAY"
+        checked = check_sequence("mktay ia", 5, "truncate")
+    assert (checked.residues, checked.length, checked.truncated) == ("MKTAY", 7, True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert fit_to_limit("MKT", 5, "error") == "MKT"
+        assert check_sequence("MKTAYIA", 5, "truncate", warn=False).residues == "MKTAY"
+        checked = check_sequence("m k t", 5, "error")
+        assert (checked.residues, checked.length, checked.truncated) == ("MKT", 3, False)
+    with pytest.raises(ValueError, match="unknown overflow policy 'drop'"):
+        check_sequence("MKT", 5, "drop")
+
+
+def test_reason_codes_are_public_strings_and_survive_pickling():
+    import json
+    import pickle
+
+    assert [str(r) for r in SequenceReason] == ["empty_sequence", "invalid_residue", "too_long_protein", "bad_markup"]
+    error = ProteinSequenceError(SequenceReason.BAD_MARKUP, "</seq> at character 0 has no <seq> before it")
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.reason, str(again)) == (error.reason, str(error))
+    assert json.dumps({error.reason: 1}) == '{"bad_markup": 1}'
 
 
 def test_seq_spans_in_order():
@@ -67,8 +87,9 @@ def test_seq_spans_in_order():
     ],
 )
 def test_bad_tags(text, message):
-    with pytest.raises(ProteinSequenceError, match=message):
+    with pytest.raises(ProteinSequenceError, match=message) as error:
         find_seq_spans(text)
+    assert error.value.reason is SequenceReason.BAD_MARKUP
 
 
 def test_format_round_trip():

@@ -33,6 +33,8 @@ from tokenizers import AddedToken
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
+from ..loading import DTYPES, torch_dtype
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -55,8 +57,6 @@ INTERNLM2_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Per-layer renames: InternLM2 suffix -> Llama suffix, both under `model.layers.{i}.`.
 _LAYER_RENAMES = (
@@ -308,14 +308,6 @@ def _iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from _load_bin(path).items()
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
 def _llama_from_state_dict(state_dict: dict[str, torch.Tensor], config: LlamaConfig) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` whose parameters are the given tensors (no second copy is allocated).
 
@@ -354,7 +346,7 @@ def convert_internlm2_checkpoint(
     if dst.resolve() == src.resolve():
         raise ValueError("destination must differ from the source folder")
     config = internlm2_config_to_llama(read_internlm2_config(src))
-    target_dtype = _resolve_dtype(dtype)
+    target_dtype = torch_dtype(dtype)
 
     files = _weight_files(src)
     _check_source_keys({key for path in files for key in _shard_keys(path)}, config)
@@ -502,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("src", type=Path, help="InternLM2 folder (config.json, weights, tokenizer.model)")
     parser.add_argument("dst", type=Path, help="output folder for the LlamaForCausalLM checkpoint")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast weights (default: keep)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     args = parser.parse_args(argv)
     try:
         dst = convert_internlm2_checkpoint(args.src, args.dst, dtype=args.dtype)

@@ -1,7 +1,9 @@
 """Which examples share a batch: shuffled, length-grouped, or packed several to a row; resumable; rank-sharded.
 
-`ResumableBatchSampler` yields lists of dataset indices. It is a pure function of (seed, epoch, rank), so
-`resume_from(epoch, batches_done)` lets a resumed run see exactly the batches an uninterrupted run would.
+`ResumableBatchSampler` yields lists of dataset indices, or, with mode="packed", lists of rows (each row the
+indices of the examples that share it). Packing is decided here and only here: the collator lays out the rows
+it is given. The sampler is a pure function of (seed, epoch, rank), so `resume_from(epoch, batches_done)` lets
+a resumed run see exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -34,15 +36,19 @@ def first_fit_packs(indices: Sequence[int], lengths: Sequence[int], capacity: in
     return packs
 
 
-class ResumableBatchSampler(Sampler[list[int]]):
-    """Batches of indices for one rank.
+Batch = list[int] | list[list[int]]  # indices, or packed rows of indices
+
+
+class ResumableBatchSampler(Sampler[Batch]):
+    """Batches of indices for one rank (packed: batches of rows of indices).
 
     Args:
         lengths: token count of every example (used by "length_grouped" and "packed").
         batch_size: examples per batch ("random", "length_grouped") or packed rows per batch ("packed").
         mode: "random" (a seeded permutation cut into batches), "length_grouped" (similar lengths together,
             within windows of `group_window` batches, batch order shuffled) or "packed" (first-fit
-            decreasing packs of at most `pack_length` tokens, within windows of `group_window` batches).
+            decreasing rows of at most `pack_length` tokens, within windows of `group_window` batches; each
+            batch is a list of `batch_size` rows, each row a list of indices).
         seed / shuffle: the data order. rank / world_size: each rank gets every world_size-th batch.
     """
 
@@ -70,7 +76,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, batches already consumed on this rank)
-        self._cached: tuple[int, list[list[int]]] | None = None
+        self._cached: tuple[int, list[Batch]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -86,13 +92,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
             return list(range(len(self.lengths)))
         return torch.randperm(len(self.lengths), generator=self._generator()).tolist()
 
-    def all_batches(self) -> list[list[int]]:
+    def all_batches(self) -> list[Batch]:
         """Every batch of this epoch, for all ranks, before sharding (computed once per epoch)."""
         if self._cached is None or self._cached[0] != self.epoch:
             self._cached = (self.epoch, self._compute_batches())
         return self._cached[1]
 
-    def _compute_batches(self) -> list[list[int]]:
+    def _compute_batches(self) -> list[Batch]:
         order = self._order()
         if self.mode == "random":
             batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -113,7 +119,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
                 else:
                     packs = first_fit_packs(chunk, self.lengths, self.pack_length)
                     for i in range(0, len(packs) - self.batch_size + 1, self.batch_size):
-                        batches.append([index for pack in packs[i : i + self.batch_size] for index in pack])
+                        batches.append(packs[i : i + self.batch_size])
             if self.shuffle:
                 permutation = torch.randperm(len(batches), generator=self._generator(offset=1)).tolist()
                 batches = [batches[i] for i in permutation]

@@ -52,8 +52,10 @@ class PaddedCollator:
 
 
 class PackedCollator:
-    """Examples → rows of up to `pack_length` tokens holding several samples each, with no padding between them.
+    """Rows of examples → a batch whose rows hold several samples each, with no padding between them.
 
+    Which examples share a row is the batch sampler's decision (`ResumableBatchSampler`, mode="packed");
+    this lays the given rows out as they are and refuses a row over `pack_length` tokens.
     Position ids restart at 0 for every sample and no attention mask is returned: transformers then keeps
     attention inside each sample (flash-attention varlen on GPU; a block-diagonal mask for sdpa / eager).
     A sample's first label is masked, since the token before it belongs to another sample. A protein's
@@ -67,25 +69,14 @@ class PackedCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.representation_cache = representation_cache
 
-    def pack(self, examples: Sequence[Example]) -> list[list[Example]]:
-        """First fit, in the given order: each example goes into the first row with room."""
-        rows: list[list[Example]] = []
-        room: list[int] = []
-        for example in examples:
-            n = len(example.input_ids)
-            if n > self.pack_length:
-                raise ValueError(f"{example.record_id}: {n} tokens do not fit pack_length={self.pack_length}")
-            slot = next((i for i, free in enumerate(room) if n <= free), None)
-            if slot is None:
-                rows.append([example])
-                room.append(self.pack_length - n)
-            else:
-                rows[slot].append(example)
-                room[slot] -= n
-        return rows
-
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        rows = self.pack(examples)
+    def __call__(self, rows: Sequence[Sequence[Example]]) -> dict[str, torch.Tensor]:
+        for row in rows:
+            if not row or isinstance(row, Example):
+                raise ValueError("PackedCollator takes rows (lists) of examples, as the packed batch sampler yields them")
+            tokens = sum(len(e.input_ids) for e in row)
+            if tokens > self.pack_length:
+                ids = ", ".join(e.record_id for e in row)
+                raise ValueError(f"a row of {tokens} tokens ({ids}) is over pack_length={self.pack_length}")
         longest = max(sum(len(e.input_ids) for e in row) for row in rows)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)

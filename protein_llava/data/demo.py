@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..sequences import format_sequence
+from .prompts import TEMPLATES, protein_input
 
 # Background frequencies roughly as in UniProt, without C and H so planted zinc fingers stay unambiguous.
 BACKGROUND = "LLLLAAAAGGGGVVVVEEEESSSSIIIKKKRRRDDDTTTPPPNNQQFFYMW"
@@ -42,10 +43,6 @@ FEATURES = (
     Feature("transmembrane", "anchoring in a membrane through a single transmembrane helix", r"[LIVFAMW]{20}"),
     Feature("none", "no recognisable functional motif", r"(?!)"),
 )
-FUNCTION_INSTRUCTION = (
-    "The sequence of the protein is as follows. Please analyze the sequence and describe the functions of this protein."
-)
-FUNCTION_INPUT = "Presented here is a sequence of amino acids in a protein: {seq}"
 FUNCTION_OUTPUT = "The determined function(s) of the protein include(s): {function}."
 RESIDUE_INSTRUCTION = "Which amino acid is this protein most enriched in?"
 RESIDUE_OUTPUT = "It is rich in {residue_name} ({residue})."
@@ -149,7 +146,7 @@ def protein_records(protein: dict) -> list[dict]:
     residues, feature = protein["residues"], protein["feature"]
     seq = format_sequence(residues)
     answers = (
-        (FUNCTION_INSTRUCTION, FUNCTION_INPUT.format(seq=seq), FUNCTION_OUTPUT.format(function=feature.function)),
+        (TEMPLATES["function"], protein_input(residues), FUNCTION_OUTPUT.format(function=feature.function)),
         (RESIDUE_INSTRUCTION, seq, RESIDUE_OUTPUT.format(residue_name=RESIDUE_NAMES[protein["residue"]], residue=protein["residue"])),
         (CHARGE_INSTRUCTION, seq, CHARGE_OUTPUT.format(charge_bin=charge_bin(residues))),
         (LENGTH_INSTRUCTION, seq, LENGTH_OUTPUT.format(length_bin=length_bin(residues))),

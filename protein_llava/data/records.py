@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..sequences import ProteinSequenceError, find_seq_spans, normalize_sequence
+from .prompts import join_user_turn
 
 Role = Literal["system", "user", "assistant", "text"]
 KNOWN_MISSPELLINGS = {"intput": "input"}
@@ -28,11 +29,12 @@ LLAVA_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assi
 
 
 class RecordError(ValueError):
-    """A record that cannot be used. `reason` is a short code the run report counts by."""
+    """A record that cannot be used. `reason` is a short code the run report counts by (a `SequenceReason`
+    for a bad protein or `<seq>` markup)."""
 
     def __init__(self, reason: str, record_id: str, detail: str):
         super().__init__(f"{record_id}: {detail}")
-        self.reason = reason
+        self.reason = str(reason)  # a plain string in reports, whatever enum it came from
         self.record_id = record_id
 
 
@@ -78,10 +80,6 @@ def _field(raw: dict, name: str, record_id: str, required: bool = True, allow_em
     return value
 
 
-def _user_text(instruction: str, input_text: str) -> str:
-    return f"{instruction}\n{input_text}" if instruction.strip() and input_text.strip() else instruction or input_text
-
-
 def _rename_misspellings(turn: dict) -> tuple[dict, list[str]]:
     notes = []
     for wrong, right in KNOWN_MISSPELLINGS.items():
@@ -106,7 +104,7 @@ def parse_record(raw, record_id: str) -> Conversation:
         instruction = _field(raw, "instruction", record_id, allow_empty=True)
         input_text = _field(raw, "input", record_id, required=False, allow_empty=True)
         output = _field(raw, "output", record_id)
-        user = _user_text(instruction, input_text)
+        user = join_user_turn(instruction, input_text)
         if not user.strip():
             raise RecordError("empty_prompt", record_id, "both 'instruction' and 'input' are empty")
         turns = (Turn("user", user), Turn("assistant", output))
@@ -162,7 +160,7 @@ def _check_sequences(conversation: Conversation) -> None:
     try:
         _ = conversation.proteins  # parses every <seq> span: bad markup or residues fail here, naming the record
     except ProteinSequenceError as error:
-        raise RecordError("bad_sequence", conversation.record_id, str(error)) from error
+        raise RecordError(error.reason, conversation.record_id, str(error)) from error
 
 
 # --- sources

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ..configuration import ESM2_MAX_RESIDUES
 from ..files import atomic_write
-from ..sequences import ProteinSequenceError, format_sequence, normalize_sequence
+from ..sequences import ProteinSequenceError, SequenceReason, check_sequence
+from .prompts import TEMPLATES, protein_input
 
 DISTRIBUTION, PACKAGE = "p-scldata", "scldata"
 WRITABLE_SPLITS = ("trn", "evl")
@@ -54,13 +55,10 @@ LOCATIONS = {
     "Cytoplasm;Membrane": "cytoplasm and membrane",
     "Cytoplasm;Cytoskeleton": "cytoplasm and cytoskeleton",
 }
-INSTRUCTION = (
-    "The sequence of the protein is as follows. Please analyze the sequence and describe its subcellular location."
-)
-INPUT = "Presented here is a sequence of amino acids in a protein: {seq}"
 OUTPUT = "The protein is located in the {location}."
 SUBSET = "SCL2205_Location"
-SKIP_REASONS = ("invalid_sequence", "too_long")
+# Raw sequences, no markup: every other SequenceReason can occur.
+SKIP_REASONS = tuple(str(reason) for reason in SequenceReason if reason is not SequenceReason.BAD_MARKUP)
 MAX_EXAMPLES = 3
 
 
@@ -87,8 +85,8 @@ def package_data_dir() -> Path:
 def protein_record(accession: str, residues: str, location: str) -> dict:
     """One SFT record in ProteinLMDataset's flat shape (`residues` already normalised)."""
     return {
-        "instruction": INSTRUCTION,
-        "input": INPUT.format(seq=format_sequence(residues)),
+        "instruction": TEMPLATES["location"],
+        "input": protein_input(residues),
         "output": OUTPUT.format(location=location),
         "subset": SUBSET,
         "id": accession,
@@ -179,8 +177,8 @@ def write_scl2205_records(
 ) -> dict:
     """Write `folder/{split}.jsonl` (one SFT record per protein) and `folder/report.json`; return the report.
 
-    Proteins with residues `normalize_sequence` rejects, or longer than `max_residues`, are skipped and
-    counted by reason. `limit_per_split` then keeps a class-stratified seeded subset of the rest
+    Proteins `check_sequence` rejects (bad residues, longer than `max_residues`) are skipped and counted
+    by their `SequenceReason`. `limit_per_split` then keeps a class-stratified seeded subset of the rest
     (`stratified_subset`). Every file is written atomically; same inputs → byte-identical files.
     `data_dir`: a folder in the package's format (default: the installed package's `scldata/data`).
     """
@@ -226,17 +224,12 @@ def write_scl2205_records(
         skipped, examples, eligible, residues_of = Counter(dict.fromkeys(SKIP_REASONS, 0)), {}, [], {}
         for protein in proteins:
             try:
-                residues = normalize_sequence(protein.sequence, protein.accession)
-                reason, detail = None, ""
-                if len(residues) > max_residues:
-                    reason, detail = "too_long", f"{len(residues)} residues > max_residues={max_residues}"
+                residues = check_sequence(protein.sequence, max_residues, "error", protein.accession).residues
             except ProteinSequenceError as error:
-                reason, detail = "invalid_sequence", str(error)
-            if reason is not None:
-                skipped[reason] += 1
-                found = examples.setdefault(reason, [])
+                skipped[error.reason] += 1
+                found = examples.setdefault(str(error.reason), [])
                 if len(found) < MAX_EXAMPLES:
-                    found.append(f"{protein.accession}: {detail}")
+                    found.append(f"{protein.accession}: {error}")
                 continue
             eligible.append(protein)
             residues_of[protein.index] = residues

@@ -88,8 +88,7 @@ class ConversationTokenizer:
                 try:
                     content, residues = self.processor.expand_proteins(content, record=conversation.record_id)
                 except ProteinSequenceError as error:
-                    reason = "too_long_protein" if "longer than the encoder" in str(error) else "bad_sequence"
-                    raise RecordError(reason, conversation.record_id, str(error)) from error
+                    raise RecordError(error.reason, conversation.record_id, str(error)) from error
                 proteins += residues
                 counts += [self.processor.num_protein_tokens(len(r)) for r in residues]
             messages.append({"role": turn.role, "content": content})
@@ -145,7 +144,7 @@ class ConversationTokenizer:
             cut = self._safe_cut(input_ids, counts, self.max_length)
             if not any(label != IGNORE_INDEX for label in labels[:cut]):
                 raise RecordError(
-                    "too_long",
+                    "prompt_too_long",
                     record_id,
                     f"{len(input_ids)} tokens and the prompt alone fills max_length={self.max_length}",
                 )

@@ -7,18 +7,15 @@ SmolLM2-135M-Instruct decoder), is a text-only arm: the same prompt, sequences r
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, PreTrainedModel
+from transformers import BatchEncoding, PreTrainedModel
 
+from ..loading import DTYPES, SMOLLM2, is_protein_llm_folder, load_model
 from ..processing import ProteinLLMProcessor
 from ..sequences import ProteinSequenceError
-
-SMOLLM2 = "smollm2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -74,8 +71,8 @@ class Arm:
             return None
         try:
             self.processor.expand_proteins(text)
-        except ProteinSequenceError:
-            return "bad_sequence"
+        except ProteinSequenceError as error:
+            return error.reason
         return None
 
 
@@ -90,12 +87,6 @@ def check_model_source(source: str | None, role: str) -> None:
         raise FileNotFoundError(f"{role} folder {source} has no config.json; is it a saved transformers model?")
 
 
-def is_protein_llm_folder(source: str) -> bool:
-    if source == SMOLLM2:
-        return False
-    return json.loads((Path(source) / "config.json").read_text()).get("model_type") == "protein_llava"
-
-
 def load_arm(
     name: str, source: str, dtype: str = "float32", device: str = "auto", attn_implementation: str = "sdpa"
 ) -> Arm:
@@ -105,30 +96,8 @@ def load_arm(
     which flash-attention kernels do not take.
     """
     check_model_source(source, name)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if source == SMOLLM2:
-        from ..builders import load_smollm2
-
-        model, tokenizer = load_smollm2(dtype=torch_dtype)
-        processor = None
-    elif is_protein_llm_folder(source):
-        from ..modeling import ProteinLLM
-
-        model = ProteinLLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
-        processor = ProteinLLMProcessor.from_pretrained(source)
-        tokenizer = processor.tokenizer
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        processor = None
-    if tokenizer.pad_token is None:
-        # Padding is masked out everywhere; any existing token will do.
-        tokenizer.pad_token = tokenizer.eos_token
-    return Arm(name, source, model.to(device).eval(), tokenizer, processor)
+    loaded = load_model(source, dtype, device, attn_implementation=attn_implementation)
+    return Arm(name, source, loaded.model, loaded.tokenizer, loaded.processor)
 
 
 __all__ = ["DTYPES", "SMOLLM2", "Arm", "check_model_source", "is_protein_llm_folder", "load_arm"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +16,10 @@ from ..data.tokenize import ConversationTokenizer, Example
 
 
 class ExampleDataset(Dataset):
-    """Tokenized examples held in memory (tokenizing once up front also lets the run report skips early)."""
+    """Tokenized examples held in memory (tokenizing once up front also lets the run report skips early).
+
+    An index is one example; a list of indices is one packed row (the packed batch sampler yields rows).
+    """
 
     def __init__(self, examples: list[Example]):
         self.examples = examples
@@ -23,7 +27,9 @@ class ExampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> Example:
+    def __getitem__(self, index: int | Sequence[int]) -> Example | list[Example]:
+        if isinstance(index, Sequence):
+            return [self.examples[i] for i in index]
         return self.examples[index]
 
 

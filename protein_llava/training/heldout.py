@@ -19,6 +19,7 @@ from ..evaluation.benchmarks import BenchmarkItem
 from ..evaluation.config import EvalConfig
 from ..evaluation.report import accuracy_by_type
 from ..evaluation.runner import evaluate_arm
+from ..loading import ensure_pad_token
 
 
 @dataclass(eq=False)  # callbacks are compared by identity
@@ -53,8 +54,7 @@ class HeldOutEvaluation(L.Callback):
     def bind(self, processor, tokenizer) -> None:
         """The run's processor (None for the text-only arm) and tokenizer; `train()` calls this once it built them."""
         self.processor, self.tokenizer = processor, tokenizer
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token  # padding is masked; any token will do
+        ensure_pad_token(tokenizer)
 
     def on_train_start(self, trainer, pl_module):
         if 0 in self.steps and trainer.global_step == 0:

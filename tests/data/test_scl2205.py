@@ -121,10 +121,12 @@ def test_overlong_and_invalid_proteins_are_counted_not_dropped_silently(tmp_path
     report = write_scl2205_records(tmp_path / "out", data_dir=data, max_residues=10)
     counts = report["splits"]["evl"]
     assert counts["read"] == 5 and counts["written"] == 1
-    assert counts["skipped"] == {"invalid_sequence": 3, "too_long": 1}
-    assert counts["skipped_examples"]["too_long"] == ["LONG001: 11 residues > max_residues=10"]
-    assert [e.split(":")[0] for e in counts["skipped_examples"]["invalid_sequence"]] == ["STOP001", "GAP0001", "EMPTY01"]
-    assert "stop codon" in counts["skipped_examples"]["invalid_sequence"][0]
+    assert counts["skipped"] == {"empty_sequence": 1, "invalid_residue": 2, "too_long_protein": 1}
+    (long,) = counts["skipped_examples"]["too_long_protein"]
+    assert long.startswith("LONG001: ") and "11 residues in LONG001 is longer than the encoder's limit of 10" in long
+    assert [e.split(":")[0] for e in counts["skipped_examples"]["invalid_residue"]] == ["STOP001", "GAP0001"]
+    assert counts["skipped_examples"]["empty_sequence"] == ["EMPTY01: empty protein sequence in EMPTY01"]
+    assert "stop codon" in counts["skipped_examples"]["invalid_residue"][0]
     assert [r["id"] for r in lines(tmp_path / "out" / "evl.jsonl")] == ["OK00001"]
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
 
@@ -191,7 +193,7 @@ def test_cli_writes_the_files(tmp_path, capsys):
     assert report["settings"] == {
         "max_residues": 12, "limit_per_split": 3, "seed": 0, "subset": report["settings"]["subset"],
     }
-    assert report["splits"]["trn"]["skipped"]["too_long"] == 5  # the trn proteins of 13 to 17 residues
+    assert report["splits"]["trn"]["skipped"]["too_long_protein"] == 5  # the trn proteins of 13 to 17 residues
     assert "trn: 10 read, 3 written" in capsys.readouterr().out
 
 
@@ -225,7 +227,7 @@ def test_real_package_splits_and_classes(tmp_path):
     assert len(set().union(*(splits[s] for s in sizes))) == sum(sizes.values()) == 19074
     report = write_scl2205_records(tmp_path, splits=("evl",))
     counts = report["splits"]["evl"]
-    assert (counts["read"], counts["written"], counts["skipped"]) == (1260, 1114, {"invalid_sequence": 0, "too_long": 146})
+    assert (counts["read"], counts["written"], counts["skipped"]) == (1260, 1114, {"empty_sequence": 0, "invalid_residue": 0, "too_long_protein": 146})
     assert report["source"]["version"] == "2025.6.0"
     record = next(r for r in lines(tmp_path / "evl.jsonl") if r["id"] == "C0HKP8")
     assert record["input"].endswith("<seq> " + " ".join("GLWSTIKQKGKEAAIAAAKAAGKAALNAASEAL") + " </seq>")

@@ -84,7 +84,7 @@ def test_a_prompt_that_fills_max_length_is_skipped():
     proc = processor()
     with pytest.raises(RecordError, match="prompt alone fills max_length=16") as error:
         ConversationTokenizer(proc, 16)(conversation(("user", "<seq> " + "M " * 30 + "</seq>"), ("assistant", "x")))
-    assert error.value.reason == "too_long"
+    assert error.value.reason == "prompt_too_long"
 
 
 def test_collator_pads_right_and_masks_padding():

@@ -47,7 +47,7 @@ def test_problems_and_chat():
     multimodal = Arm("model", "tiny", model, processor.tokenizer, processor)
     text = Arm("baseline", "tiny", model.language_model, processor.tokenizer, None)
     too_long = f"Q {format_sequence('A' * 1100)}"
-    assert multimodal.problem(too_long) == "bad_sequence" and text.problem(too_long) is None
+    assert multimodal.problem(too_long) == "too_long_protein" and text.problem(too_long) is None
     assert multimodal.problem("<seq> M K </seq>") is None
     processor.tokenizer.chat_template = None  # this fixture-free model is ours to change
     with pytest.raises(ValueError, match="has no chat template"):

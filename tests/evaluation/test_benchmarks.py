@@ -188,7 +188,7 @@ def test_sequence_grounded_items(tmp_path):
     benchmark = build_sequence_grounded(heldout, [train], num_options=4, seed=0)
 
     assert benchmark.flag_counts() == {
-        "bad_sequence": 1, "no_sequence": 1, "seen_in_training": 1, "too_few_distractors": 1,
+        "invalid_residue": 1, "no_sequence": 1, "seen_in_training": 1, "too_few_distractors": 1,
     }
     assert len(benchmark.items) == 4
     for built in benchmark.items:

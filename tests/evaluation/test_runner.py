@@ -58,7 +58,7 @@ def config(folders, bench_file, out, **overrides) -> EvalConfig:
 
 def test_run_pairs_arms_and_flags_unreadable_items(folders, bench_file, tmp_path):
     report = run_evaluation(config(folders, bench_file, tmp_path, permutations=True))
-    assert report["benchmark"]["flagged_reasons"] == {"answer_not_in_options": 1, "bad_sequence": 1}
+    assert report["benchmark"]["flagged_reasons"] == {"answer_not_in_options": 1, "too_long_protein": 1}
     for arm in report["arms"].values():
         assert arm["n_scored"] == 4 and arm["n_flagged"] == 2 and arm["n_unparseable"] == 0
         assert 0.0 <= arm["accuracy"] <= 1.0 and arm["ci95"][0] <= arm["accuracy"] <= arm["ci95"][1]

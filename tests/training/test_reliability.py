@@ -86,7 +86,8 @@ def test_batch_sampler_resumes_mid_epoch_and_shards_disjointly(mode):
     for rank in range(2):
         sampler = ResumableBatchSampler(lengths, batch_size=3, seed=5, mode=mode, pack_length=40, rank=rank, world_size=2)
         sampler.set_epoch(0)
-        ranks.append([i for batch in sampler for i in batch])
+        # A packed batch is a list of rows, each a list of indices.
+        ranks.append([i for batch in sampler for item in batch for i in (item if mode == "packed" else [item])])
     assert ranks[0] and not set(ranks[0]) & set(ranks[1])
     assert len(list(ResumableBatchSampler(lengths, 3, 5, mode, pack_length=40, rank=0, world_size=2))) == len(
         list(ResumableBatchSampler(lengths, 3, 5, mode, pack_length=40, rank=1, world_size=2))

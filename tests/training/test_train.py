@@ -200,7 +200,7 @@ def test_corrupted_records_are_skipped_counted_and_the_rest_trains(tmp_path):
     cfg = compose_train(["stage=1", "model=tiny", "data=local", f"data.path={data}", "trainer.max_steps=2", f"out={tmp_path / 'run'}"])
     summary = train(cfg)
     assert summary["data"]["kept"] == 30
-    assert summary["data"]["skipped"] == {"bad_json": 10, "bad_sequence": 10, "missing_field": 10}
+    assert summary["data"]["skipped"] == {"bad_json": 10, "invalid_residue": 10, "missing_field": 10}
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert any("data.jsonl:2" in example for example in report["train"]["examples"]["bad_json"])
     strict = compose_train(["stage=1", "model=tiny", "data=local", f"data.path={data}", "data.strict=true", f"out={tmp_path / 'strict'}"])
