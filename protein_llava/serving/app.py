@@ -27,8 +27,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from ..predict import TEMPLATES, Answerer, user_message
-from ..sequences import ProteinSequenceError, normalize_sequence
+from ..data.prompts import TEMPLATES, user_message
+from ..predict import Answerer
+from ..sequences import ProteinSequenceError
 from . import openai_api as oai
 from .engine import Completion, Engine, Job, JobCancelled, QueueFull, Sampling
 from .prompts import (
@@ -117,20 +118,10 @@ def prepare_answer_prompts(body: AnswerRequest, answerer: Answerer, limits: Serv
     prompts = []
     for index, sequence in enumerate(body.sequences):
         where = f"sequences[{index}]"
-        if not "".join(sequence.split()):
-            raise RequestRejected(422, "empty_sequence", f"{where} is empty")
         try:
-            residues = normalize_sequence(sequence, where)
+            residues = processor.check_sequence(sequence, where, warn=False).residues
         except ProteinSequenceError as error:
-            raise RequestRejected(422, "invalid_residue", str(error)) from error
-        if len(residues) > processor.max_residues:
-            if processor.overflow == "error":
-                raise RequestRejected(
-                    422,
-                    "too_long",
-                    f"{where} has {len(residues)} residues, over the encoder's limit of {processor.max_residues}",
-                )
-            residues = residues[: processor.max_residues]
+            raise RequestRejected(422, str(error.reason), str(error)) from error
         rendered = answerer.render([{"role": "user", "content": user_message(question, residues)}])
         prompts.append(_prepared(prepare_rendered_prompt, processor, rendered, where))
     return prompts
@@ -159,7 +150,7 @@ def _prepared(prepare, processor, prompt, where: str) -> PreparedPrompt:
     except PromptError as error:
         raise RequestRejected(422, error.reason, str(error)) from error
     except ProteinSequenceError as error:
-        raise RequestRejected(422, "invalid_sequence", str(error)) from error
+        raise RequestRejected(422, str(error.reason), str(error)) from error
 
 
 class TokenBudget:
@@ -421,13 +412,13 @@ def create_app(
                 if isinstance(part, oai.ProteinPart):
                     where = f"messages[{index}].content[{part_index}]"
                     try:
-                        normalize_sequence(part.sequence, where)
+                        processor.check_sequence(part.sequence, where, warn=False)
                     except ProteinSequenceError as error:
-                        raise RequestRejected(422, "invalid_sequence", str(error)) from error
+                        raise RequestRejected(422, str(error.reason), str(error)) from error
         try:
             rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
         except ProteinSequenceError as error:
-            raise RequestRejected(422, "invalid_sequence", str(error)) from error
+            raise RequestRejected(422, str(error.reason), str(error)) from error
         except Exception as error:  # a chat template rejects bad role orders with its own exception type
             raise RequestRejected(422, "invalid_messages", f"the chat template refused these messages: {error}") from error
         prompt = _prepared(prepare_rendered_prompt, processor, rendered, "messages")

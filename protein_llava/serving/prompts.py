@@ -52,7 +52,7 @@ def prepare_rendered_prompt(processor, text: str, record: str) -> PreparedPrompt
     try:
         expanded, proteins = processor.expand_proteins(text, record=record)
     except ProteinSequenceError as error:
-        raise PromptError(_sequence_reason(error), str(error)) from error
+        raise PromptError(str(error.reason), str(error)) from error
     ids = processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
     _check_placeholders(processor, ids, expanded, record)
     return PreparedPrompt(input_ids=list(ids), proteins=proteins)
@@ -96,7 +96,7 @@ def prepare_token_prompt(processor, client_ids: Sequence[int], record: str) -> P
     try:
         spans = find_seq_spans(text, record)
     except ProteinSequenceError as error:
-        raise PromptError("invalid_protein_markup", str(error)) from error
+        raise PromptError(str(error.reason), str(error)) from error
     if not spans:
         return PreparedPrompt(client_ids, [], client_ids, offsets, text, list(range(len(client_ids))))
     ends = offsets[1:] + [len(text)]
@@ -141,7 +141,3 @@ def _check_placeholders(processor, ids: list[int], expanded: str, record: str) -
             f"{record}: the tokenizer produced {found} {processor.protein_token} tokens where {expected} were expected",
         )
 
-
-def _sequence_reason(error: ProteinSequenceError) -> str:
-    reason = getattr(error, "reason", None)  # set by sequences' reason-code enum where available
-    return str(reason) if reason is not None else "invalid_sequence"

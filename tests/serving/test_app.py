@@ -7,7 +7,7 @@ import httpx
 import pytest
 from sample_proteins import P1, P2
 
-from protein_llava.predict import TEMPLATES, user_message
+from protein_llava.data.prompts import TEMPLATES, user_message
 
 SEQUENCES = [P1.replace(" ", ""), P2.replace(" ", ""), "MKTAYIAKQR", "MSIPSSQYGFVFNK"]
 QUESTION = "What is the function of this protein?"
@@ -73,10 +73,10 @@ def test_streamed_oversized_body_is_413(client):
     [
         ({"sequences": ["MKTAYJAK"]}, "invalid_residue", "invalid residue 'J' at position 6 in sequences[0]"),
         ({"sequences": ["MKT", "MK*"]}, "invalid_residue", "invalid residue '*' at position 3 in sequences[1]"),
-        ({"sequences": ["M" * 1023]}, "too_long", "1023 residues, over the encoder's limit of 1022"),
+        ({"sequences": ["M" * 1023]}, "too_long_protein", "protein of 1023 residues in sequences[0] is longer than the encoder's limit of 1022"),
         ({"sequences": ["MKT"] * 9}, "too_many_sequences", "at most 8"),
         ({"sequences": []}, "no_sequences", "empty"),
-        ({"sequences": ["  "]}, "empty_sequence", "sequences[0] is empty"),
+        ({"sequences": ["  "]}, "empty_sequence", "empty protein sequence in sequences[0]"),
         ({"sequences": ["MKT"], "max_new_tokens": 17}, "max_new_tokens", "between 1 and 16"),
         ({"sequences": ["MKT"], "template": "function"}, "question", "exactly one of"),
         ({"sequences": "MKT"}, "invalid_request", "body.sequences"),

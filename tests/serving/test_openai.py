@@ -9,7 +9,7 @@ import pytest
 import torch
 from live_server import MODEL_NAME, TEST_LIMITS, live_server
 
-from protein_llava.predict import user_message
+from protein_llava.data.prompts import user_message
 from protein_llava.serving import create_app
 
 PROTEIN = "MKTAYIAKQRQISFVK"
@@ -164,7 +164,7 @@ def test_unsupported_parameters_are_refused_not_ignored(client):
 @pytest.mark.parametrize(
     "body, reason",
     [
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "protein", "sequence": "MKJ"}]}]}, "invalid_sequence"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "protein", "sequence": "MKJ"}]}]}, "invalid_residue"),
         ({"messages": [{"role": "user", "content": "x <seq> M K </seq> " + "a" * 3000}], "max_tokens": 16}, "prompt_too_long"),
         ({"messages": []}, "invalid_request"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "invalid_request"),
@@ -175,7 +175,7 @@ def test_bad_chat_requests_are_422(client, body, reason):
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["reason"] == reason
-    if reason == "invalid_sequence":
+    if reason == "invalid_residue":
         assert "invalid residue 'J' at position 3 in messages[0].content[1]" in response.json()["detail"]
 
 

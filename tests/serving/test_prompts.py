@@ -4,7 +4,7 @@ import pytest
 from sample_proteins import P1
 
 from protein_llava.evaluation.benchmarks import official_prompt
-from protein_llava.predict import TEMPLATES, user_message
+from protein_llava.data.prompts import TEMPLATES, user_message
 from protein_llava.serving.prompts import (
     PromptError,
     decode_with_offsets,
@@ -106,6 +106,6 @@ def test_placeholder_and_bad_markup_are_refused(tiny):
     assert caught.value.reason == "placeholder_in_prompt"
     with pytest.raises(PromptError, match="never closed") as caught:
         prepare_text_prompt(processor, "a <seq> M K", "prompt[0]")
-    assert caught.value.reason == "invalid_protein_markup"
+    assert caught.value.reason == "bad_markup"
     with pytest.raises(PromptError, match=r"invalid residue 'J' at position 2 in prompt\[0\]"):
         prepare_text_prompt(processor, "a <seq> M J </seq>", "prompt[0]")
