@@ -436,7 +436,9 @@ def build_app(answerer: Answerer, settings: DemoSettings | None = None, model_na
                 )
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=380, render_markdown=False, feedback_options=None)
-                question = gr.Textbox(label="Question", lines=2, placeholder="What does this protein do?", elem_id="question")
+                question = gr.Textbox(
+                    label="Question (Enter asks)", lines=1, max_lines=6, placeholder="What does this protein do?", elem_id="question"
+                )
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -462,4 +464,5 @@ def build_app(answerer: Answerer, settings: DemoSettings | None = None, model_na
 
 def launch(app, host: str = "127.0.0.1", port: int = 7860, **options):
     """Serve the app (blocking unless `prevent_thread_lock=True`); 127.0.0.1 keeps it on this machine."""
+    options.setdefault("show_error", True)  # a failed generation shows its message, not a bare "Error"
     return app.launch(server_name=host, server_port=port, footer_links=[], **options)
