@@ -275,13 +275,21 @@ class ProteinChat:
             except ProteinSequenceError:
                 pass
             return ids, f"**Error:** {error}"
+        return ids, self._status_line(ids, query)
+
+    def _status_line(self, ids: list[str], query: Query | None) -> str:
         prefix = f"{len(ids)} FASTA records; " if len(ids) > 1 else ""
-        return ids, prefix + describe_protein(query, self.processor)
+        return prefix + describe_protein(query, self.processor)
 
     def _stop_flag(self, session: str) -> threading.Event:
         with self._stops_lock:
             event = self._stops[session] = threading.Event()
             return event
+
+    def _drop_stop_flag(self, session: str, event: threading.Event) -> None:
+        with self._stops_lock:
+            if self._stops.get(session) is event:
+                del self._stops[session]
 
     def stop(self, session: str = "local") -> None:
         """The Stop button: the session's streaming answer ends after its current token."""
@@ -303,35 +311,38 @@ class ProteinChat:
     ) -> Iterator[tuple[list[dict], LoadedProtein | None, str, str, str, str]]:
         """One turn: check the protein, then stream the answer.
 
-        Yields (history, loaded protein, protein status, question box, model-input summary, rendered prompt).
-        A protein other than the conversation's starts a new conversation; a bad one leaves all unchanged.
+        Yields (history, loaded protein, protein status, question box, model-input summary, rendered prompt);
+        None for the last two leaves the panel as it was. A protein other than the conversation's starts a new
+        conversation; a bad protein or an empty question changes nothing but the status.
         """
         history = list(history or [])
         question = question.strip()
         if not question:
-            yield history, loaded, "**Error:** the question is empty: type one or pick a template.", "", "", ""
+            yield history, loaded, "**Error:** the question is empty: type one or pick a template.", "", None, None
             return
         try:
-            _, query = self.check_protein(text, record_id)
+            ids, query = self.check_protein(text, record_id)
         except ProteinSequenceError as error:
-            yield history, loaded, f"**Error:** {error}", question, "", ""
+            yield history, loaded, f"**Error:** {error}", question, None, None
             return
-        status = describe_protein(query, self.processor)
+        status = self._status_line(ids, query)
         if loaded is None or loaded.query != query:
             history, loaded = [], LoadedProtein(query)
         residues = query.residues if query is not None else None
         history = [*history, {"role": "user", "content": question}]
         messages = model_messages(history, residues, self.processor.protein_token)
         prompt = self.answerer.render(messages)
-        stream = AnswerStream(
-            self.answerer, prompt, int(max_new_tokens), float(temperature), stop_event=self._stop_flag(session)
-        )
+        stop_flag = self._stop_flag(session)
+        stream = AnswerStream(self.answerer, prompt, int(max_new_tokens), float(temperature), stop_event=stop_flag)
         turn = sum(m["role"] == "user" for m in history)
         summary = self._summary(query, stream, turn, "generating…")
         yield [*history, {"role": "assistant", "content": ""}], loaded, status, "", summary, prompt
         answer = ""
-        for answer in stream:
-            yield [*history, {"role": "assistant", "content": answer}], loaded, status, "", summary, prompt
+        try:
+            for answer in stream:
+                yield [*history, {"role": "assistant", "content": answer}], loaded, status, "", summary, prompt
+        finally:
+            self._drop_stop_flag(session, stop_flag)
         if stream.stopped:
             ending = "stopped by the user"
         elif stream.new_tokens >= stream.max_new_tokens:
@@ -384,9 +395,11 @@ def build_app(answerer: Answerer, settings: DemoSettings | None = None, model_na
         return TEMPLATES.get(name, "")
 
     def on_respond(text, record_id, question, history, loaded, max_new_tokens, temperature, request: gr.Request):
-        yield from chat.respond(
+        turns = chat.respond(
             text or "", record_id, question or "", history, loaded, max_new_tokens, temperature, session_of(request)
         )
+        for *values, seen_text, prompt_text in turns:
+            yield *values, gr.skip() if seen_text is None else seen_text, gr.skip() if prompt_text is None else prompt_text
 
     def on_stop(request: gr.Request):
         chat.stop(session_of(request))

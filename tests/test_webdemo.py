@@ -188,14 +188,13 @@ def test_another_protein_starts_a_new_conversation_and_a_bad_one_changes_nothing
     history, loaded, *_ = final(list(chat.respond(R1, None, "What is it?", [], None, 3, 0.0)))
     assert loaded == LoadedProtein(check_records([FastaRecord("query", R1)], 1022)[0][0])
     bad = list(chat.respond("MKTJAY", None, "Again?", history, loaded, 3, 0.0))
-    assert len(bad) == 1
-    assert bad[0][:4] == (history, loaded, "**Error:** invalid residue 'J' at position 4 in record 'query'; "
-                          "allowed: the 20 standard amino acids and X B U Z O", "Again?")
+    assert bad == [(history, loaded, "**Error:** invalid residue 'J' at position 4 in record 'query'; "
+                    "allowed: the 20 standard amino acids and X B U Z O", "Again?", None, None)]
     assert final(list(chat.respond(R1, None, "  ", history, loaded, 3, 0.0)))[2].startswith("**Error:** the question is empty")
     fasta = f">one\n{R1}\n>two\n{R2}\n"
     new_history, new_loaded, status, *_ = final(list(chat.respond(fasta, "two", "And this?", history, loaded, 3, 0.0)))
     assert [m["content"] for m in new_history if m["role"] == "user"] == ["And this?"]
-    assert new_loaded.query.id == "two" and new_loaded.query.residues == R2 and status.startswith("Record `two`")
+    assert new_loaded.query.id == "two" and new_loaded.query.residues == R2 and status.startswith("2 FASTA records; Record `two`")
     prompt = final(list(chat.respond(fasta, "two", "And this?", [], None, 3, 0.0)))[5]
     assert prompt == answerer.render([{"role": "user", "content": user_message("And this?", R2)}])
 
@@ -208,6 +207,7 @@ def test_stop_keeps_the_partial_answer(answerer):
             chat.stop("s1")
             break
     history, _, _, _, summary, _ = final(list(turns))
+    assert chat._stops == {}  # the finished turn's stop flag is gone
     answer = history[-1]["content"]
     assert "stopped by the user" in summary
     new_tokens = int(summary.split("- answer: ")[1].split()[0])
