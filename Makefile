@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SEED ?= 0
 
-.PHONY: venv demo test experiment bench bench-gpu clean
+.PHONY: venv demo test browser experiment bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ experiment: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The web demo's browser test drives the system Chromium; without it that test skips and says so.
+browser:
+	command -v chromedriver >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver)
 
 bench: venv
 	$(PY) bench/run_cpu.py

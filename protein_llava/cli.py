@@ -1,6 +1,6 @@
-"""`protein-llava`: predict (FASTA → JSONL), chat, serve, export (run → Hub-ready folder), convert-internlm2.
+"""`protein-llava`: predict (FASTA → JSONL), chat, serve, demo (browser), export (run → Hub-ready folder), convert-internlm2.
 
-Each subcommand imports its optional stack (Biopython, FastAPI + uvicorn, huggingface_hub) only when it
+Each subcommand imports its optional stack (Biopython, FastAPI + uvicorn, Gradio, huggingface_hub) only when it
 runs, so the package and the other subcommands work without them.
 """
 
@@ -190,6 +190,23 @@ def serve_command(args) -> int:
 API_KEY_VARIABLE = "PROTEIN_LLAVA_API_KEY"
 
 
+# --- demo
+
+
+def demo_command(args) -> int:
+    from .webdemo import DemoSettings, build_app, launch
+
+    try:
+        settings = DemoSettings(max_new_tokens=args.max_new_tokens, max_new_tokens_limit=args.max_new_tokens_limit)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    app = build_app(_load_answerer(args), settings, model_name=str(args.model))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"demo: listening on {args.host}, beyond this machine; the demo has no authentication", file=sys.stderr)
+    launch(app, host=args.host, port=args.port)
+    return 0
+
+
 # --- export
 
 
@@ -375,7 +392,7 @@ def convert_internlm2_command(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protein-llava",
-        description="Ask a ProteinLLM about proteins: batch FASTA prediction, chat, an HTTP server, "
+        description="Ask a ProteinLLM about proteins: batch FASTA prediction, chat, an HTTP server, a browser demo, "
         "export of a training run, and InternLM2 conversion.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -446,6 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--overflow", choices=("error", "truncate"), default=None, help="proteins over the encoder limit: 422, or cut (default: as saved)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(handler=serve_command)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a browser demo: chat about a protein with streamed answers (Gradio)",
+        description="Open a web page to ask the model about a protein: paste residues or FASTA (pick a record), "
+        "ask with predict's templates or free text, follow up in a chat that keeps the protein, watch answers "
+        "stream (Stop ends one), and see what the model read. Binds to this machine by default.",
+    )
+    _add_model_arguments(demo)
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    demo.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    demo.add_argument("--max-new-tokens", type=_positive, default=128, help="the answer-length slider's start (default: 128)")
+    demo.add_argument("--max-new-tokens-limit", type=_positive, default=512, help="the answer-length slider's end (default: 512)")
+    demo.add_argument("--overflow", choices=("error", "truncate"), default=None, help="proteins over the encoder limit: refuse, or cut (default: as saved)")
+    demo.set_defaults(handler=demo_command)
 
     export = commands.add_parser(
         "export",

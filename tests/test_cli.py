@@ -19,7 +19,7 @@ from protein_llava.predict import TEMPLATES, Answerer, ChatSession, user_message
 from protein_llava.training.export import export_run
 
 R1, R2 = P1.replace(" ", ""), P2.replace(" ", "")
-SUBCOMMANDS = ("predict", "chat", "serve", "export", "convert-internlm2")
+SUBCOMMANDS = ("predict", "chat", "serve", "demo", "export", "convert-internlm2")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +41,7 @@ HELP_FLAGS = {
     "predict": ["--fasta", "--sequence", "--question", "--template", "--out", "--batch-size", "--max-new-tokens"],
     "chat": ["--sequence", "--fasta", "/protein", "/quit"],
     "serve": ["--host", "--port", "127.0.0.1", "/v1/answer"],
+    "demo": ["--model", "--host", "--port", "127.0.0.1", "--max-new-tokens", "--overflow"],
     "export": ["--run", "--out", "--eval-report", "--repo-id", "--stage1-run", "--push"],
     "convert-internlm2": ["src", "dst", "--dtype"],
 }
