@@ -22,7 +22,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .predict import TEMPLATES, Answerer, FastaRecord, Query, check_records, user_message
-from .sequences import ProteinSequenceError
+from .sequences import ProteinSequenceError, SequenceReason
 
 RAW_ID = "query"  # the id a pasted sequence without a FASTA header gets, as `predict --sequence` gives it
 
@@ -82,7 +82,7 @@ def read_protein_text(text: str) -> list[FastaRecord]:
     try:
         return [FastaRecord(r.id, str(r.seq)) for r in SeqIO.parse(io.StringIO(text), "fasta")]
     except ValueError as error:
-        raise ProteinSequenceError(f"the text is not readable FASTA: {str(error).splitlines()[0]}") from error
+        raise ProteinSequenceError(SequenceReason.BAD_MARKUP, f"the text is not readable FASTA: {str(error).splitlines()[0]}") from error
 
 
 def choose_protein(records: list[FastaRecord], record_id: str | None, max_residues: int, overflow: str) -> Query | None:
@@ -93,10 +93,10 @@ def choose_protein(records: list[FastaRecord], record_id: str | None, max_residu
         return None
     chosen = records[0] if record_id is None else next((r for r in records if r.id == record_id), None)
     if chosen is None:
-        raise ProteinSequenceError(f"no record {record_id!r} in the FASTA text")
+        raise ProteinSequenceError(SequenceReason.BAD_MARKUP, f"no record {record_id!r} in the FASTA text")
     queries, problems = check_records([chosen], max_residues, overflow)
     if problems:
-        raise ProteinSequenceError(problems[0].detail)
+        raise ProteinSequenceError(SequenceReason(problems[0].reason), problems[0].detail)
     return queries[0]
 
 

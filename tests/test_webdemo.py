@@ -73,7 +73,7 @@ def test_choose_protein_gives_predicts_messages():
         assert str(error.value) == problem.detail
     with pytest.raises(ProteinSequenceError, match="invalid residue 'J' at position 4 in record 'stop'"):
         choose_protein(records, "stop", 10, "error")
-    with pytest.raises(ProteinSequenceError, match="11 residues, over the encoder's limit of 10"):
+    with pytest.raises(ProteinSequenceError, match="protein of 11 residues in record 'long' is longer than the encoder's limit of 10"):
         choose_protein(records, "long", 10, "error")
     cut = choose_protein(records, "long", 10, "truncate")
     assert (cut.residues, cut.length, cut.truncated) == ("M" * 10, 11, True)
@@ -94,7 +94,7 @@ def test_protein_status_names_the_record_its_size_and_errors(own_answerer):
     )
     assert chat.protein_status("")[1] == "No protein: questions go to the decoder alone."
     own_answerer.processor.max_residues = 20
-    assert "over the encoder's limit of 20" in chat.protein_status(R1)[1]
+    assert "is longer than the encoder's limit of 20" in chat.protein_status(R1)[1]
     own_answerer.processor.overflow = "truncate"
     assert chat.protein_status(R1)[1].endswith(f"(truncated from {len(R1)}: residues 21-{len(R1)} are cut).")
 
