@@ -9,6 +9,8 @@ values live in each dataclass's `__post_init__` and run when a composed config b
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,7 +290,20 @@ def to_train_config(cfg: DictConfig | TrainConfig) -> TrainConfig:
     """The composed config as objects; each dataclass checks its values (the message names the key)."""
     if isinstance(cfg, TrainConfig):
         return cfg
+    _reject_unknown_keys(TrainConfig, cfg, "")
     return OmegaConf.to_object(cfg)
+
+
+def _reject_unknown_keys(cls, node, prefix: str) -> None:
+    # OmegaConf.to_object drops keys its dataclass lacks (Hydra's `+key=value` can add them): refuse them.
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(node.keys()) - known - {"hydra"})
+    if unknown:
+        raise ValueError(f"unknown key {prefix}{unknown[0]}: {cls.__name__} has {sorted(known)}")
+    for name in known:
+        if dataclasses.is_dataclass(hints[name]) and name in node:
+            _reject_unknown_keys(hints[name], node[name], f"{prefix}{name}.")
 
 
 def read_run_config(path: str | Path) -> TrainConfig:

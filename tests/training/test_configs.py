@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError
+from hydra.errors import ConfigCompositionException
 
 from protein_llava.configuration import PRESET_NAMES
 from protein_llava.training.config import CONFIG_DIR, TrainConfig, compose_train_config, to_train_config
@@ -92,5 +92,8 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key():
     with pytest.raises(Exception, match="stage1.lr") as info:
         compose_train(["stage1.lr=fast"])
     assert "could not be converted to Float" in str(info.value.__cause__) and "full_key: stage1.lr" in str(info.value.__cause__)
-    with pytest.raises(ConfigKeyError, match="max_stepz"):
-        compose_train(["+trainer.max_stepz=3"])
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_train(["trainer.max_stepz=3"])
+    # Hydra's `+` adds the key anyway; turning the config into objects refuses it rather than drop it.
+    with pytest.raises(ValueError, match="unknown key trainer.max_stepz: TrainerSettings has"):
+        to_train_config(compose_train(["+trainer.max_stepz=3"]))
