@@ -230,19 +230,8 @@ def _write_outputs(plan: TrainPlan, summary: RunSummary, module, processor, toke
     DataReport(summary.data, val).write(out)
     log.debug("data:\n%s", datamodule.report.summary())
     summary.nonfinite_skipped_steps = module.guard.skipped
+    summary.final_train_loss = module.last_train_loss
     metrics_csv = out / "logs" / "metrics.csv"
     if metrics_csv.is_file():
         plot_loss_curve(metrics_csv, out / "loss.png", title=plan.config.run_name)
-        summary.final_train_loss = _last_metric(metrics_csv, "train/loss")
     summary.export = str(export_run(model, processor, tokenizer, out / "export", merge_adapter=plan.config.export.merge_adapter))
-
-
-def _last_metric(metrics_csv: Path, name: str) -> float | None:
-    import csv
-
-    value = None
-    with metrics_csv.open() as handle:
-        for row in csv.DictReader(handle):
-            if row.get(name):
-                value = float(row[name])
-    return value

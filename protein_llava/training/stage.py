@@ -163,6 +163,7 @@ class StageModule(L.LightningModule):
         # Frozen weights are rebuilt from the model, not stored in every Lightning checkpoint.
         self.strict_loading = False
         self.guard = NonFiniteGuard(optim.max_nonfinite_in_a_row)
+        self._last_loss = None  # a tensor (no device sync per step), for the run's summary
 
     def loss(self, batch: dict):
         if self.loss_chunk_size is None:
@@ -174,10 +175,16 @@ class StageModule(L.LightningModule):
         batch = dict(batch)
         return chunked_causal_lm_forward(self.model, batch.pop("labels"), self.loss_chunk_size, **batch).loss
 
+    @property
+    def last_train_loss(self) -> float | None:
+        """The loss of the last step this process trained (whatever log_every_n_steps is)."""
+        return None if self._last_loss is None else float(self._last_loss)
+
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
         if not self.guard.check_loss(loss):
             return None  # Lightning skips the optimizer step
+        self._last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/skipped_steps", float(self.guard.skipped), batch_size=batch["input_ids"].shape[0])
         return loss
