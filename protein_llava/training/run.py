@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -222,7 +223,11 @@ def _write_outputs(plan: TrainPlan, summary: RunSummary, module, processor, toke
         save_projector(model, out / PROJECTOR_FILE)
     language_model = model.language_model if isinstance(model, ProteinLLM) else model
     if hasattr(language_model, "peft_config"):
-        language_model.save_pretrained(out / "adapter")
+        with warnings.catch_warnings():
+            # peft looks for the base model's config.json to tell whether the vocabulary was resized; a
+            # decoder loaded from a GGUF file (SmolLM2 of the demo) has none, and training never resizes it.
+            warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary")
+            language_model.save_pretrained(out / "adapter")
     if isinstance(model, ProteinLLM) and hasattr(model.protein_encoder.esm, "peft_config"):
         model.protein_encoder.esm.save_pretrained(out / "encoder_adapter")
     summary.data = DataCounts.from_dict(datamodule.report.to_dict())

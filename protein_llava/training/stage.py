@@ -11,6 +11,7 @@ tokens the collator left supervised (`StageSpec.loss_on` picks the tokenizer mod
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -126,7 +127,10 @@ def _wrap_lora(language_model: nn.Module, lora: LoraSettings, quantized: bool) -
     config = peft.LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, task_type="CAUSAL_LM"
     )
-    wrapped = peft.get_peft_model(language_model, config)
+    with warnings.catch_warnings():
+        # peft asks the decoder `is_gradient_checkpointing`, a name transformers 5 deprecated; nothing to change here.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        wrapped = peft.get_peft_model(language_model, config)
     if quantized:
         dtype = compute_dtype(wrapped)
         for name, parameter in wrapped.named_parameters():

@@ -21,30 +21,37 @@ def screen_lines(output: str) -> list[str]:
     return [line.split("\r")[-1].strip() for line in output.split("\n") if line.split("\r")[-1].strip()]
 
 
-def test_a_stage_prints_one_screen_without_repeats_and_ends_with_its_table(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}  # stdout and stderr in order, as on a terminal
+def run_train(*overrides: str) -> str:
+    """`python train.py OVERRIDES` as a user runs it (Hydra's logging included); stdout and stderr in order."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "stage=1", "model=tiny", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
-         "progress_every=1", f"checkpoints_dir={tmp_path}", f"out={tmp_path / 'run'}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
+        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
     )  # bytes: text mode would turn tqdm's carriage returns into newlines
     output = result.stdout.decode()
     assert result.returncode == 0, output[-3000:]
-    lines = screen_lines(output)
-    repeated = sorted({line for line in lines if lines.count(line) > 1})
-    assert not repeated, repeated
-    assert len(lines) <= SCREEN_LINES, lines
-    for unwanted in ("💡", "litlogger", "litmodels", "in eval mode", "LeafSpec", "Total length of", "gemm_4bit", "{'stage'"):
-        assert unwanted not in output, unwanted
-    assert any(line.startswith("Epoch 0: 100%") and "loss=" in line and "samples/s=" in line for line in lines), lines
-    table = lines[lines.index("stage 1 finished: tiny-stage1"):]
-    assert [row.split()[0] for row in table[2:]] == ["steps", "wall", "final", "records", "run", "model"]
-    assert table[2].split() == ["steps", "3"]
-    assert table[5] == "records     3200 kept of 3200; skipped: none"
-    assert table[6] == f"run folder  {tmp_path / 'run'}"
-    # Everything still goes to the run's log file, once.
-    log = (tmp_path / "run" / "hydra" / "train.log").read_text()
-    assert log.count("Seed set to 0") == 1
+    return output
+
+
+def test_each_stage_prints_one_screen_without_repeats_and_ends_with_its_table(tmp_path):
+    common = ["model=tiny", "trainer.max_steps=3", "trainer.log_every_n_steps=1", "progress_every=1", f"checkpoints_dir={tmp_path}"]
+    for stage in (1, 2):
+        output = run_train(f"stage={stage}", *common)
+        lines = screen_lines(output)
+        repeated = sorted({line for line in lines if lines.count(line) > 1})
+        assert not repeated, repeated
+        assert len(lines) <= SCREEN_LINES, lines
+        for unwanted in ("💡", "litlogger", "litmodels", "in eval mode", "LeafSpec", "Total length of", "gemm_4bit",
+                         "is_gradient_checkpointing", "Warning", "{'stage'"):
+            assert unwanted not in output, (stage, unwanted)
+        assert any(line.startswith("Epoch 0: 100%") and "loss=" in line and "samples/s=" in line for line in lines), lines
+        table = lines[lines.index(f"stage {stage} finished: tiny-stage{stage}"):]
+        assert [row.split()[0] for row in table[2:]] == ["steps", "wall", "final", "records", "run", "model"]
+        assert table[2].split() == ["steps", "3"]
+        assert table[5] == "records     3200 kept of 3200; skipped: none"
+        assert table[6] == f"run folder  {tmp_path / f'tiny-stage{stage}'}"
+        # Everything also goes to the run's log file, once.
+        log = (tmp_path / f"tiny-stage{stage}" / "hydra" / "train.log").read_text()
+        assert log.count("Seed set to 0") == 1
 
 
 def test_samples_are_rows_or_packed_segments():
