@@ -287,9 +287,12 @@ def compose_train_config(overrides=(), config_dir: str | Path = CONFIG_DIR) -> D
 
 
 def to_train_config(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """The composed config as objects; each dataclass checks its values (the message names the key)."""
+    """The composed config as objects; each dataclass checks its values (the message names the key).
+
+    A TrainConfig built in Python goes through OmegaConf too, so its defaults' `${...}` references resolve.
+    """
     if isinstance(cfg, TrainConfig):
-        return cfg
+        return OmegaConf.to_object(OmegaConf.structured(cfg))
     _reject_unknown_keys(TrainConfig, cfg, "")
     return OmegaConf.to_object(cfg)
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
 
 from protein_llava.configuration import PRESET_NAMES
-from protein_llava.training.config import CONFIG_DIR, TrainConfig, compose_train_config, to_train_config
+from protein_llava.training.config import CONFIG_DIR, ModelSettings, TrainConfig, compose_train_config, to_train_config
 from protein_llava.training.plan import optim_config, resolve_plan
 from protein_llava.training.run import _build_strategy
 
@@ -47,6 +47,13 @@ def test_literal_stage_commands_are_plain_keys():
         resolve_plan(compose_train(["stage=3", "model=tiny"]))
 
 
+def test_a_config_built_in_python_resolves_like_a_composed_one():
+    config = TrainConfig(model=ModelSettings(name="tiny", preset="tiny"), stage=2, checkpoints_dir="/runs")
+    resolved = to_train_config(config)
+    assert (resolved.run_name, resolved.out, resolved.data.demo_dir) == ("tiny-stage2", "/runs/tiny-stage2", "/runs/demo-data")
+    assert resolved == to_train_config(compose_train(["model=tiny", "stage=2", "checkpoints_dir=/runs"]))
+
+
 def test_trainer_max_steps_override_wins():
     config = to_train_config(compose_train(["stage=1", "trainer.max_steps=7"]))
     assert config.max_steps == 7 and optim_config(config).total_steps == 7
@@ -55,13 +62,10 @@ def test_trainer_max_steps_override_wins():
 
 
 def test_defaults_have_one_home():
-    # The group files hold only what differs: composing the defaults equals the bare schema's values.
-    composed = OmegaConf.to_container(compose_train(["stage=1", "model=tiny"]), resolve=True)
-    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
-    for key in ("data", "trainer", "stage1", "stage2", "encoder_cache", "export"):
-        expected = OmegaConf.to_container(OmegaConf.create({**schema, "model": composed["model"]})[key], resolve=True) \
-            if key != "data" else {**schema["data"], "demo_dir": "checkpoints/demo-data"}
-        assert composed[key] == expected, key
+    # The default groups' files add nothing to the schema's defaults: composing them equals the bare schema.
+    composed = OmegaConf.to_container(compose_train(["model=tiny"]), resolve=True)
+    schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"model": {"name": "tiny", "preset": "tiny"}})
+    assert composed == OmegaConf.to_container(schema, resolve=True)
 
 
 @pytest.mark.parametrize(
