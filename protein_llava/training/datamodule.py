@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
@@ -144,7 +141,3 @@ class SFTDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self._resume_state = dict(state_dict)
-
-    def write_report(self, path: Path) -> None:
-        payload = {"train": self.report.to_dict(), "val": self.val_report.to_dict() if self.val_path else None}
-        path.write_text(json.dumps(payload, indent=2))

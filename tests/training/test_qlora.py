@@ -4,7 +4,6 @@ import csv
 import json
 import logging
 import sys
-from pathlib import Path
 
 import pytest
 import torch
