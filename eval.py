@@ -3,7 +3,7 @@
     python eval.py                                   # the demo's exports on the demo's held-out proteins
     python eval.py benchmark=proteinlmbench benchmark.path=FILE model=PATH baseline=smollm2 limit=100 out=DIR
 
-Settings: configs/eval/eval.yaml (fields of protein_llava.evaluation.EvalConfig).
+Settings: fields of protein_llava.evaluation.EvalConfig (configs/eval/eval.yaml picks the benchmark).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from protein_llava.evaluation import EvalConfig, check_model_source, run_evaluation
-from protein_llava.evaluation.config import ABLATED_SUFFIX, RETRIEVAL_ARM
+from protein_llava.evaluation.config import ABLATED_SUFFIX, RETRIEVAL_ARM, register_configs
+
+register_configs()
 
 
 def _percent(value) -> str:

@@ -175,7 +175,7 @@ def bench_qlora(repeats: int) -> dict:
     """A stage-2 train step (LoRA r=16 on every linear layer, AdamW) of the demo-shaped decoder in 4-bit NF4
     (QLoRA) vs the same decoder in float32 (LoRA), on the same batch, alternately."""
     from protein_llava.quantization import nf4_config, quantize_decoder
-    from protein_llava.training.stage2 import LoraSettings, _wrap_lora
+    from protein_llava.training.stage import LoraSettings, _wrap_lora
 
     torch.manual_seed(0)
     config = ProteinLLMConfig.from_preset("smollm2-demo").text_config
@@ -194,7 +194,7 @@ def bench_qlora(repeats: int) -> dict:
 def bench_cpu_defaults(repeats: int) -> dict:
     """The CPU training defaults, each against its alternative on the same batch (the demo-shaped decoder,
     LoRA r=16 on every linear layer): bf16 autocast vs fp32, and LoRA dropout 0 vs 0.05."""
-    from protein_llava.training.stage2 import LoraSettings, _wrap_lora
+    from protein_llava.training.stage import LoraSettings, _wrap_lora
 
     torch.manual_seed(0)
     ids = torch.randint(10, 250, (4, 112))  # a demo stage-2 batch: 4 samples of ~110 tokens

@@ -79,10 +79,10 @@ def timed_steps(model, batch, steps: int, params) -> float:
 
 
 def stage2_lora(attn: str, args) -> dict:
-    from protein_llava.training.stage2 import LoraSettings, apply_stage2_training
+    from protein_llava.training.stage import LoraSettings, apply_stage_spec, stage2_spec
 
     model, processor = build(attn)
-    model = apply_stage2_training(model, "lora", LoraSettings())
+    model = apply_stage_spec(model, stage2_spec("lora"), LoraSettings(dropout=0.05))
     model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.language_model.enable_input_require_grads()
     model.train()

@@ -210,100 +210,101 @@ def demo_command(args) -> int:
 # --- export
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _run_config(run: Path):
+    """The run's composed Hydra config (hydra/.hydra/config.yaml) as a typed TrainConfig, or None when absent."""
+    from .training.config import read_run_config
 
-
-def _run_config(run: Path) -> dict:
-    """The run's composed Hydra config (hydra/.hydra/config.yaml), or {} when absent or unreadable."""
     path = run / "hydra" / ".hydra" / "config.yaml"
     if not path.is_file():
-        return {}
+        return None
     try:
-        import yaml
-    except ImportError:
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
+        return read_run_config(path)
+    except Exception as error:  # omegaconf's validation errors: name the file, not a traceback
+        raise CommandError(f"{path} does not read as a train config: {error}") from error
 
 
-def find_stage1_run(run: Path, config: dict, given: Path | None) -> Path | None:
+def _stage1_summary(folder: Path):
+    from .training.summary import RunSummary
+
+    summary = RunSummary.read(folder)
+    return summary if summary is not None and summary.stage == 1 else None
+
+
+def find_stage1_run(run: Path, config, given: Path | None) -> Path | None:
     """The stage-1 run of a stage-2 run: `given`, else the folder of the stage-2 config's projector,
     else `<checkpoints>/<model name>-stage1` beside the run. None when none holds a stage-1 summary."""
     if given is not None:
-        summary = _read_json(given / "summary.json")
-        if summary is None or summary.get("stage") != 1:
+        if _stage1_summary(given) is None:
             raise CommandError(f"--stage1-run {given} holds no stage-1 summary.json")
         return given
     candidates = []
-    projector = (config.get("stage2") or {}).get("projector")
-    if projector:
-        candidates.append(Path(projector).parent)
-    name = (config.get("model") or {}).get("name")
-    if name:
-        candidates += [run.parent / f"{name}-stage1", Path(config.get("checkpoints_dir", "checkpoints")) / f"{name}-stage1"]
-    for candidate in candidates:
-        summary = _read_json(candidate / "summary.json")
-        if summary is not None and summary.get("stage") == 1:
-            return candidate
-    return None
+    if config is not None:
+        if config.stage2.projector:
+            candidates.append(Path(config.stage2.projector).parent)
+        name = config.model.name
+        candidates += [run.parent / f"{name}-stage1", Path(config.checkpoints_dir) / f"{name}-stage1"]
+    return next((candidate for candidate in candidates if _stage1_summary(candidate) is not None), None)
 
 
-def _stage_rows(run: Path, summary: dict, config: dict) -> dict[str, str]:
-    stage = summary.get("stage")
-    settings = config.get(f"stage{stage}") or {}
-    trainer = config.get("trainer") or {}
-    steps = summary.get("steps")
-    steps_text = f"{steps} steps" if steps is not None else f"max_steps {trainer.get('max_steps') or settings.get('max_steps', '?')}"
+def _stage_rows(run: Path, summary, config) -> dict[str, str]:
+    """The card's rows of one stage from its typed summary and (when the run folder has it) its config."""
+    from .training.summary import DataReport
+
+    stage = summary.stage
+    settings = None if config is None else (config.stage1 if stage == 1 else config.stage2)
+    if summary.steps is not None:
+        steps_text = f"{summary.steps} steps"
+    else:
+        steps_text = f"max_steps {(config.trainer.max_steps or settings.max_steps) if config else '?'}"
     if stage == 1:
         title, trains = "stage 1 (projector alignment)", "trains the projector; encoder and decoder frozen"
     else:
-        llm = settings.get("llm", "?")
-        lora = settings.get("lora") or {}
-        decoder = f"decoder {llm}" + (f" (r {lora.get('r')}, alpha {lora.get('alpha')})" if llm in ("lora", "qlora") else "")
+        llm = settings.llm if settings else "?"
+        decoder = f"decoder {llm}" + (f" (r {settings.lora.r}, alpha {settings.lora.alpha})" if llm in ("lora", "qlora") else "")
         if llm == "qlora":
-            qlora = settings.get("qlora") or {}
+            qlora = settings.qlora
             decoder += (
-                f" on a 4-bit NF4 decoder (double quantisation {'on' if qlora.get('double_quant', True) else 'off'}, "
-                f"compute dtype {qlora.get('compute_dtype') or (config.get('model') or {}).get('dtype', '?')}); "
-                "exported de-quantised"
+                f" on a 4-bit NF4 decoder (double quantisation {'on' if qlora.double_quant else 'off'}, "
+                f"compute dtype {qlora.compute_dtype or config.model.dtype}); exported de-quantised"
             )
-        merged = (config.get("export") or {}).get("merge_adapter", True)
         if llm in ("lora", "qlora"):
-            decoder += ", merged into the weights" if merged else ", adapter in adapter/"
-        encoder = f"encoder {settings.get('encoder', 'frozen')}"
+            decoder += ", merged into the weights" if config.export.merge_adapter else ", adapter in adapter/"
+        encoder = f"encoder {settings.encoder if settings else '?'}"
         title, trains = "stage 2 (instruction tuning)", f"projector trained, {decoder}, {encoder}"
-    details = [f"run `{summary.get('run', run.name)}`", steps_text]
-    if "lr" in settings:
-        details.append(f"lr {settings['lr']:g}")
+    details = [f"run `{summary.run}`", steps_text]
+    if settings is not None:
+        details.append(f"lr {settings.lr:g}")
     rows = {title: ", ".join(details) + f"; {trains}"}
-    data = (_read_json(run / "data_report.json") or {}).get("train") or summary.get("data")
-    if data:
-        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted((data.get("skipped") or {}).items()))
-        rows[f"{title}: data"] = f"{data.get('kept')} of {data.get('seen')} records kept" + (f" (skipped: {skipped})" if skipped else "")
-    if summary.get("final_train_loss") is not None:
-        rows[f"{title}: final train loss"] = f"{summary['final_train_loss']:.4f}"
+    report = DataReport.read(run)
+    data = report.train if report is not None else summary.data
+    if data is not None:
+        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(data.skipped.items()))
+        rows[f"{title}: data"] = f"{data.kept} of {data.seen} records kept" + (f" (skipped: {skipped})" if skipped else "")
+    if summary.final_train_loss is not None:
+        rows[f"{title}: final train loss"] = f"{summary.final_train_loss:.4f}"
     return rows
 
 
 def training_rows(run: Path, stage1_run: Path | None) -> dict[str, str]:
     """The card's training table: one row per stage, its data counts and loss, and the data source."""
-    summary = _read_json(run / "summary.json")
+    from .training.summary import RunSummary
+
+    summary = RunSummary.read(run)
     if summary is None:
         raise CommandError(f"{run}/summary.json is missing: is {run} a finished training run?")
     config = _run_config(run)
     rows = {}
-    if summary.get("stage") == 2:
+    if summary.stage == 2:
         if stage1_run is not None:
-            rows.update(_stage_rows(stage1_run, _read_json(stage1_run / "summary.json"), _run_config(stage1_run)))
+            rows.update(_stage_rows(stage1_run, RunSummary.read(stage1_run), _run_config(stage1_run)))
         else:
             rows["stage 1 (projector alignment)"] = "run not found (export --stage1-run DIR names it)"
     rows.update(_stage_rows(run, summary, config))
-    model, data = config.get("model") or {}, config.get("data") or {}
-    if model:
-        rows["preset"] = f"{model.get('preset')} (decoder: {model.get('decoder') or 'preset default'}, encoder weights: {model.get('encoder_weights') or 'preset default'})"
-    if data:
-        where = {"demo": "the embedded demo set", "hub": data.get("hub_name"), "local": data.get("path")}
-        rows["data source"] = f"{data.get('source')}: {where.get(data.get('source'), data.get('path'))}"
+    if config is not None:
+        model, data = config.model, config.data
+        rows["preset"] = f"{model.preset} (decoder: {model.decoder or 'preset default'}, encoder weights: {model.encoder_weights or 'preset default'})"
+        where = {"demo": "the embedded demo set", "hub": data.hub_name, "local": data.path}
+        rows["data source"] = f"{data.source}: {where.get(data.source, data.path)}"
     return rows
 
 
@@ -313,31 +314,29 @@ def _percent(value) -> str:
 
 def evaluation_rows(report_path: Path, model_export: Path) -> dict[str, str]:
     """The card's results table from an eval run's report.json: each arm's accuracy and 95% CI."""
-    report = _read_json(report_path)
-    if report is None:
+    from .evaluation.report import ReportSummary
+
+    if not report_path.is_file():
         raise CommandError(f"--eval-report {report_path}: no such file")
-    bench = report.get("benchmark") or {}
-    name = bench.get("name", "evaluation")
+    report = ReportSummary.read(report_path)
+    name = report.benchmark
     rows = {}
-    for arm, numbers in (report.get("arms") or {}).items():
-        source = numbers.get("source")
-        is_this = source is not None and Path(source).resolve() == model_export.resolve()
-        ci = numbers.get("ci95")
-        text = f"accuracy {_percent(numbers.get('accuracy'))}"
-        if ci:
-            text += f" (95% CI {_percent(ci[0])} to {_percent(ci[1])})"
-        text += f", {numbers.get('n_scored')} items scored"
+    for arm, score in report.arms.items():
+        is_this = score.source is not None and Path(score.source).resolve() == model_export.resolve()
+        text = f"accuracy {_percent(score.accuracy)}"
+        if score.ci95:
+            text += f" (95% CI {_percent(score.ci95[0])} to {_percent(score.ci95[1])})"
+        text += f", {score.n_scored} items scored"
         rows[f"{name}: {arm}" + (" (this model)" if is_this else "")] = text
-    if bench.get("chance") is not None:
-        rows[f"{name}: chance level"] = _percent(bench["chance"])
-    settings = report.get("settings") or {}
-    if settings:
+    if report.chance is not None:
+        rows[f"{name}: chance level"] = _percent(report.chance)
+    if report.mode is not None:
         rows[f"{name}: protocol"] = (
-            f"mode {settings.get('mode')}, prompt format {settings.get('prompt_format')}; "
-            f"{bench.get('n_scored')} of {bench.get('n_entries')} items scored, from `{bench.get('source')}`"
+            f"mode {report.mode}, prompt format {report.prompt_format}; "
+            f"{report.n_scored} of {report.n_entries} items scored, from `{report.source}`"
         )
-    if report.get("mcnemar_p") is not None:
-        rows[f"{name}: exact McNemar p (arms paired)"] = f"{report['mcnemar_p']:.3g}"
+    if report.mcnemar_p is not None:
+        rows[f"{name}: exact McNemar p (arms paired)"] = f"{report.mcnemar_p:.3g}"
     return rows
 
 
@@ -358,8 +357,10 @@ def export_command(args) -> int:
         raise CommandError("--push needs --repo-id user/name")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CommandError(f"{out} exists and is not empty; choose a new --out or pass --force to overwrite files in it")
-    summary = _read_json(run / "summary.json") or {}
-    stage1_run = find_stage1_run(run, _run_config(run), args.stage1_run) if summary.get("stage") == 2 else None
+    from .training.summary import RunSummary
+
+    summary = RunSummary.read(run)
+    stage1_run = find_stage1_run(run, _run_config(run), args.stage1_run) if summary is not None and summary.stage == 2 else None
     training = training_rows(run, stage1_run)
     results = evaluation_rows(args.eval_report, source) if args.eval_report else None
 

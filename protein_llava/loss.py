@@ -1,8 +1,11 @@
 """Causal-LM loss without materialising full-vocabulary logits for a whole batch.
 
 InternLM2's head has 92,544 outputs: fp32 logits for one packed 8k-token row take 3 GB, plus as much again
-for their gradient. `chunked_causal_lm_loss` computes the cross-entropy over supervised positions only, a
+for their gradient. `chunked_cross_entropy` computes the cross-entropy over supervised positions only, a
 chunk at a time, recomputing each chunk's logits in the backward pass instead of keeping them.
+`chunked_causal_lm_forward` is a transformers causal LM's forward with that loss in place of its logits,
+as litgpt's `lm_head_chunk_size`: `ProteinLLM.forward(..., loss_chunk_size=N)` calls it, and so does the
+text-only arm's bare decoder.
 """
 
 from __future__ import annotations
@@ -11,17 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data.tokenize import IGNORE_INDEX
-from .modeling import ProteinLLM
-
-
-def split_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(transformer body, LM head) of a ProteinLLM's decoder or of a bare (possibly LoRA-wrapped) decoder."""
-    decoder = model.language_model if isinstance(model, ProteinLLM) else model
-    if hasattr(decoder, "get_base_model"):  # peft wrapper: LoRA layers live inside the base model
-        decoder = decoder.get_base_model()
-    return decoder.get_decoder(), decoder.get_output_embeddings()
 
 
 def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -37,7 +32,7 @@ def chunked_cross_entropy(
     hidden_states: (B, T, H); labels: (B, T), unshifted (position t is predicted from t - 1).
     """
     if chunk_size < 1:
-        raise ValueError(f"loss chunk_size must be >= 1, got {chunk_size}")
+        raise ValueError(f"loss_chunk_size must be >= 1, got {chunk_size}")
     hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])  # (B*(T-1), H)
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     keep = targets != IGNORE_INDEX
@@ -51,23 +46,16 @@ def chunked_cross_entropy(
     return total / targets.numel()
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
-    """The training loss of a batch: the decoder's own loss, or the chunked one when `chunk_size` is set."""
-    if chunk_size is None:
-        return model(**batch, use_cache=False).loss
-    batch = dict(batch)
-    labels = batch.pop("labels")
-    body, head = split_decoder(model)
-    if isinstance(model, ProteinLLM):
-        inputs = {
-            "inputs_embeds": model.embed_inputs(
-                batch.pop("input_ids"),
-                batch.pop("protein_input_ids", None),
-                batch.pop("protein_representations", None),
-                batch.pop("protein_representations_mask", None),
-            )
-        }
-    else:
-        inputs = {"input_ids": batch.pop("input_ids")}
-    hidden = body(**inputs, **batch, use_cache=False).last_hidden_state
-    return chunked_cross_entropy(hidden, head, labels, chunk_size)
+def chunked_causal_lm_forward(
+    decoder: nn.Module, labels: torch.Tensor, chunk_size: int, **inputs
+) -> CausalLMOutputWithPast:
+    """`decoder(**inputs, labels=labels)` with the chunked loss: its body, then the head a chunk at a time.
+
+    `decoder` is a transformers causal LM, bare or peft-wrapped (peft forwards `get_decoder` and
+    `get_output_embeddings` to the model it wraps, whose layers carry the adapters). The output holds the
+    loss only: no full logits are kept, which is the point.
+    """
+    inputs.pop("use_cache", None)
+    inputs.pop("logits_to_keep", None)
+    hidden = decoder.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    return CausalLMOutputWithPast(loss=chunked_cross_entropy(hidden, decoder.get_output_embeddings(), labels, chunk_size))

@@ -185,13 +185,26 @@ class ProteinLLM(ProteinLLMPreTrainedModel, GenerationMixin):
         protein_representations_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        loss_chunk_size: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """The decoder's forward on the spliced embeddings.
+
+        loss_chunk_size: with `labels`, compute the loss over supervised positions only, this many at a time,
+            and return no logits (`protein_llava.loss`); None: the decoder's own logits and loss.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(
                 input_ids, protein_input_ids, protein_representations, protein_representations_mask
+            )
+        if loss_chunk_size is not None and labels is not None:
+            from .loss import chunked_causal_lm_forward
+
+            return chunked_causal_lm_forward(
+                self.language_model, labels, loss_chunk_size,
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs,
             )
         return self.language_model(
             inputs_embeds=inputs_embeds,

@@ -5,7 +5,7 @@ from protein_llava import build_tiny
 from protein_llava.data.collate import PaddedCollator
 from protein_llava.data.records import Conversation, Turn
 from protein_llava.data.tokenize import ConversationTokenizer
-from protein_llava.loss import causal_lm_loss, chunked_cross_entropy
+from protein_llava.loss import chunked_causal_lm_forward, chunked_cross_entropy
 from sample_proteins import P1
 
 
@@ -19,34 +19,43 @@ def batch_for(processor):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])
-def test_chunked_loss_and_gradients_equal_the_plain_path(chunk_size):
+def test_chunked_loss_and_gradients_equal_the_plain_forward(chunk_size):
     model, processor = build_tiny()
     model.train()
     batch = batch_for(processor)
-    plain = causal_lm_loss(model, batch)
+    plain = model(**batch, use_cache=False).loss
     plain.backward()
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    chunked = causal_lm_loss(model, batch, chunk_size=chunk_size)
-    chunked.backward()
-    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    output = model(**batch, use_cache=False, loss_chunk_size=chunk_size)
+    assert output.logits is None  # the point: no full-vocabulary logits kept
+    output.loss.backward()
+    torch.testing.assert_close(output.loss, plain, atol=1e-5, rtol=1e-5)
     assert plain_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for name, grad in plain_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_chunked_loss_on_a_lora_wrapped_bare_decoder():
+def test_chunked_loss_on_a_lora_wrapped_decoder_inside_and_outside_the_model():
     from peft import LoraConfig, get_peft_model
 
     model, processor = build_tiny()
-    decoder = get_peft_model(model.language_model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    model.language_model = get_peft_model(model.language_model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
     batch = batch_for(processor)
+    torch.testing.assert_close(model(**batch, loss_chunk_size=5).loss, model(**batch).loss)
+    # The text-only arm: the bare (peft-wrapped) decoder, proteins left out of the batch.
+    decoder = model.language_model
     text_only = {k: v for k, v in batch.items() if k != "protein_input_ids"}
     text_only["input_ids"] = text_only["input_ids"].masked_fill(text_only["input_ids"] == processor.protein_token_id, 5)
-    torch.testing.assert_close(causal_lm_loss(decoder, text_only, chunk_size=5), causal_lm_loss(decoder, text_only))
+    labels = text_only.pop("labels")
+    torch.testing.assert_close(
+        chunked_causal_lm_forward(decoder, labels, 5, **text_only).loss, decoder(**text_only, labels=labels).loss
+    )
 
 
 def test_no_supervised_tokens_gives_zero_with_a_graph():
     hidden = torch.randn(1, 4, 8, requires_grad=True)
     loss = chunked_cross_entropy(hidden, torch.nn.Linear(8, 10), torch.full((1, 4), -100), chunk_size=2)
     assert loss.item() == 0.0 and loss.requires_grad
+    with pytest.raises(ValueError, match="loss_chunk_size must be >= 1, got 0"):
+        chunked_cross_entropy(hidden, torch.nn.Linear(8, 10), torch.full((1, 4), -100), chunk_size=0)

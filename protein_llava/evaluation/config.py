@@ -1,11 +1,20 @@
-"""Typed, validated settings of an evaluation run (eval.py fills them from Hydra; tests build them directly)."""
+"""Typed, validated settings of an evaluation run (eval.py fills them from Hydra; tests build them directly).
+
+The one home of every default: `EvalConfig` is stored in Hydra's ConfigStore as `eval_schema`, which
+configs/eval/eval.yaml puts first in its defaults list, so the YAML holds only the choice of benchmark.
+Fields with a fixed set of values are `str` (OmegaConf types no `Literal`) and checked in `__post_init__`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .arms import DTYPES
+from ..loading import DTYPES
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 BENCHMARK_NAMES = ("proteinlmbench", "sequence_grounded")
 MODES = ("loglik", "generate", "description")
@@ -16,11 +25,14 @@ DEMO_MODEL = "checkpoints/smollm2-demo-stage2/export"
 DEMO_BASELINE = "checkpoints/text-only-stage2/export"
 DEMO_HELDOUT = "checkpoints/demo-data/heldout.jsonl"
 DEMO_TRAIN = "checkpoints/demo-data/train.jsonl"
+DEFAULT_OUT_ROOT = "checkpoints/eval"
+SCHEMA_NAME = "eval_schema"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 
 
 @dataclass
 class BenchmarkConfig:
-    name: Literal["proteinlmbench", "sequence_grounded"] = "sequence_grounded"
+    name: str = "sequence_grounded"
     """Which benchmark: ProteinLMBench, or "which description fits this protein?" items from SFT records."""
     label: str = "sequence_grounded"
     """What this setup is called (its eval config's file name: "sequence_grounded", "scl2205", ...); the
@@ -42,10 +54,10 @@ class BenchmarkConfig:
     protein nearest by alignment identity (see protein_llava.evaluation.retrieval); needs `train_paths`."""
     retrieval_candidates: int | None = 50
     """Training proteins aligned per item (and per option) after the 3-mer prefilter; null: all of them."""
-    default_mode: Literal["loglik", "generate", "description"] = "loglik"
+    default_mode: str = "loglik"
     """The scoring this benchmark is meant for (eval.yaml's `mode` defaults to it): ProteinLMBench asks for
     option numbers (loglik); SFT-derived items score each option's text as the reply (description)."""
-    default_ablation: Literal["none", "shuffle"] = "none"
+    default_ablation: str = "none"
     """The protein-ablation control eval.yaml's `ablation` defaults to (shuffle where items carry proteins)."""
 
     def __post_init__(self):
@@ -74,17 +86,18 @@ class EvalConfig:
     """The text-only baseline on the same items (folder or "smollm2"); None evaluates `model` alone."""
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     """What to evaluate on."""
-    mode: Literal["loglik", "generate", "description"] = "loglik"
-    """loglik: log-probability of each option number (deterministic). generate: the paper's protocol,
+    mode: str | None = None
+    """None: the benchmark's `default_mode`. loglik: log-probability of each option number (deterministic). generate: the paper's protocol,
     first integer of up to `max_new_tokens` generated tokens. description: mean per-token log-probability
     of each option's TEXT as the reply to the item's own prompt through the chat template (no option
     numbers, so no position bias; it asks what SFT taught: which description the model would write)."""
-    prompt_format: Literal["raw", "chat"] = "raw"
+    prompt_format: str = "raw"
     """raw: the official prompt text as is. chat: that text as the user turn of the chat template."""
     limit: int | None = None
     """Evaluate only the first N benchmark entries (scored or flagged)."""
-    out: str = "checkpoints/eval"
-    """Folder for report.json, report.md, report.png, predictions.jsonl, flagged.jsonl."""
+    out: str | None = None
+    """Folder for report.json, report.md, report.png, predictions.jsonl, flagged.jsonl; None:
+    checkpoints/eval/<benchmark.label>."""
     batch_size: int = 8
     """Questions per forward pass."""
     max_new_tokens: int = 20
@@ -93,8 +106,8 @@ class EvalConfig:
     """generate: 0 is greedy; > 0 samples at that temperature (the paper used 0.1), seeded by `seed`."""
     permutations: bool = False
     """loglik: also score each item under every cyclic shift of its options and average the probabilities."""
-    ablation: Literal["none", "shuffle"] = "none"
-    """shuffle: also score every arm on the same items with each item's protein replaced by another protein
+    ablation: str | None = None
+    """None: the benchmark's `default_ablation`. shuffle: also score every arm on the same items with each item's protein replaced by another protein
     of the benchmark with a similar length (`benchmark.ablate_proteins`); a model that reads the sequence
     falls to chance there. Reported as arms named `<arm>_ablated`."""
     seed: int = 0
@@ -117,6 +130,12 @@ class EvalConfig:
             raise ValueError("model is empty: give a model folder or 'smollm2'")
         if self.baseline in ("", "null", "none", "None"):
             self.baseline = None
+        if self.mode is None:
+            self.mode = self.benchmark.default_mode
+        if self.ablation is None:
+            self.ablation = self.benchmark.default_ablation
+        if self.out is None:
+            self.out = f"{DEFAULT_OUT_ROOT}/{self.benchmark.label}"
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'loglik', 'generate' or 'description', got {self.mode!r}")
         if self.ablation not in ABLATIONS:
@@ -152,6 +171,22 @@ class EvalConfig:
         return arms
 
 
+def register_configs() -> None:
+    """Store `EvalConfig` as `eval_schema` in Hydra's ConfigStore (eval.yaml's defaults list names it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=EvalConfig)
+
+
+def compose_eval_config(overrides=(), config_dir: str | Path = CONFIG_DIR) -> DictConfig:
+    """eval.py's config with `overrides`, composed by Hydra as `python eval.py OVERRIDES` would."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        return compose(config_name="eval", overrides=list(overrides))
+
+
 def _known(cls, values: dict, where: str) -> dict:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
@@ -169,4 +204,6 @@ __all__ = [
     "RETRIEVAL_ARM",
     "BenchmarkConfig",
     "EvalConfig",
+    "compose_eval_config",
+    "register_configs",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -259,6 +259,52 @@ def plot_report(report: dict, path: str | Path) -> None:
     plt.close(figure)
 
 
+@dataclass
+class ArmScore:
+    """One arm's headline numbers in report.json."""
+
+    source: str | None
+    accuracy: float | None
+    ci95: list[float] | None
+    n_scored: int
+
+
+@dataclass
+class ReportSummary:
+    """What report.json says at a glance (the model card's results table reads it): written by
+    `build_report` / `write_report` above, read by `read`, so the two sides of the file live here."""
+
+    benchmark: str
+    source: str | None
+    n_entries: int | None
+    n_scored: int | None
+    chance: float | None
+    mode: str | None
+    prompt_format: str | None
+    arms: dict[str, ArmScore]
+    mcnemar_p: float | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> ReportSummary:
+        report = json.loads(Path(path).read_text())
+        bench, settings = report.get("benchmark") or {}, report.get("settings") or {}
+        arms = {
+            name: ArmScore(arm.get("source"), arm.get("accuracy"), arm.get("ci95"), arm.get("n_scored", 0))
+            for name, arm in (report.get("arms") or {}).items()
+        }
+        return cls(
+            benchmark=bench.get("name", "evaluation"),
+            source=bench.get("source"),
+            n_entries=bench.get("n_entries"),
+            n_scored=bench.get("n_scored"),
+            chance=bench.get("chance"),
+            mode=settings.get("mode"),
+            prompt_format=settings.get("prompt_format"),
+            arms=arms,
+            mcnemar_p=report.get("mcnemar_p"),
+        )
+
+
 def write_report(report: dict, predictions: list[dict], flagged: list[dict], out: str | Path) -> dict[str, Path]:
     """Write report.json, report.md, report.png, predictions.jsonl and flagged.jsonl under `out`."""
     out = Path(out)
@@ -276,6 +322,8 @@ def write_report(report: dict, predictions: list[dict], flagged: list[dict], out
 
 __all__ = [
     "ALL_TYPES",
+    "ArmScore",
+    "ReportSummary",
     "accuracy_by_type",
     "build_report",
     "plot_report",

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.batching import Batching, ResumableBatchSampler
 from ..data.collate import PackedCollator, PaddedCollator
-from ..data.records import DataQualityError, RecordError, RecordReport, read_conversations
+from ..data.records import (
+    DataQualityError,
+    RecordError,
+    RecordReport,
+    read_conversations,
+)
 from ..data.tokenize import ConversationTokenizer, Example
 
 
@@ -150,7 +153,3 @@ class SFTDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self._resume_state = dict(state_dict)
-
-    def write_report(self, path: Path) -> None:
-        payload = {"train": self.report.to_dict(), "val": self.val_report.to_dict() if self.val_path else None}
-        path.write_text(json.dumps(payload, indent=2))

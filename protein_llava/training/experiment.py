@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,14 +84,6 @@ def eval_steps(total: int, every: int) -> list[int]:
     return sorted({*range(0, total, every), total})
 
 
-def compose_train_config(config_dir: str, overrides: Sequence[str]):
-    """train.py's config with `overrides`, composed by Hydra exactly as `python train.py OVERRIDES` would."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 @dataclass
 class ArmRun:
     """What training one arm produced: held-out records at each step and the final predictions."""
@@ -103,10 +94,11 @@ class ArmRun:
 
 
 def _train(config: ExperimentConfig, overrides: list[str], callback: HeldOutEvaluation, label: str, run: ArmRun) -> None:
+    from .config import compose_train_config
     from .run import train
 
     started = time.perf_counter()
-    train(compose_train_config(config.train_config_dir, overrides), callbacks=[callback])
+    train(compose_train_config(overrides, config.train_config_dir), callbacks=[callback])
     run.wall_seconds[label] = round(time.perf_counter() - started, 1)
     run.records += callback.records
     run.final_predictions.update(callback.final_predictions)

@@ -103,7 +103,7 @@ def _training_modes(model: nn.Module) -> dict[str, bool]:
 
 
 def _restore_training_modes(model: nn.Module, modes: dict[str, bool]) -> None:
-    # Frozen parts stay in eval mode during training (see the stage modules): restore module by module.
+    # Frozen parts stay in eval mode during training (StageModule.on_fit_start): restore module by module.
     for name, module in model.named_modules():
         module.training = modes.get(name, module.training)
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,10 @@ def configure_adamw(parameters, config: OptimConfig):
         lr=config.lr,
         betas=config.betas,
     )
+    from .console import quiet_bitsandbytes_import
+
+    with quiet_bitsandbytes_import():  # transformers.optimization imports peft, which imports bitsandbytes
+        from transformers import get_cosine_schedule_with_warmup
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -198,16 +198,15 @@ def test_cli_writes_the_files(tmp_path, capsys):
 
 
 def test_configs_point_at_the_builder_output():
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
-        data = OmegaConf.to_container(compose(config_name="train", overrides=["stage=2", "data=scl2205"]).data)
+    from protein_llava.evaluation.config import EvalConfig, compose_eval_config
+    from protein_llava.training.config import compose_train_config
+
+    data = OmegaConf.to_container(compose_train_config(["stage=2", "data=scl2205"], ROOT / "configs" / "train").data)
     assert (data["source"], data["path"]) == ("local", "checkpoints/scl2205/trn.jsonl")
     assert data["max_length"] >= 1022 + 64  # the longest protein's placeholders plus the text around them
-    with initialize_config_dir(config_dir=str(ROOT / "configs" / "eval"), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=["benchmark=scl2205"])
-    from protein_llava.evaluation.config import EvalConfig
+    cfg = compose_eval_config(["benchmark=scl2205"], ROOT / "configs" / "eval")
 
     benchmark = EvalConfig.from_dict(OmegaConf.to_container(cfg, resolve=True)).benchmark
     assert (benchmark.name, benchmark.path, benchmark.train_paths, benchmark.num_options, benchmark.seed) == (

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from protein_llava.builders import build_tiny
-from protein_llava.evaluation.config import BENCHMARK_NAMES, DEMO_BASELINE, DEMO_HELDOUT, DEMO_MODEL, DEMO_TRAIN, EvalConfig
+from protein_llava.evaluation.config import (
+    BENCHMARK_NAMES, DEMO_BASELINE, DEMO_HELDOUT, DEMO_MODEL, DEMO_TRAIN, EvalConfig, compose_eval_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "eval"
@@ -28,8 +29,7 @@ def run_eval(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def compose_config(*overrides: str) -> EvalConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=list(overrides))
+    cfg = compose_eval_config(overrides)
     return EvalConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -53,6 +53,16 @@ def test_defaults_are_the_demo():
     assert compose_config("baseline=null").arm_sources() == {"model": DEMO_MODEL}
     with pytest.raises(ValueError, match="permutations=true .* needs mode=loglik"):
         compose_config("mode=generate", "permutations=true")
+
+
+def test_defaults_have_one_home():
+    # Only the benchmark group's file adds values: every other default is the dataclass's, Hydra or not.
+    composed = compose_config()
+    assert composed == EvalConfig(benchmark=composed.benchmark)
+    assert EvalConfig(model="m").out == "checkpoints/eval/sequence_grounded"
+    assert EvalConfig(model="m").mode == "loglik"  # BenchmarkConfig's own default_mode
+    with pytest.raises(ValueError, match="unknown eval config keys"):
+        EvalConfig.from_dict(OmegaConf.to_container(compose_eval_config(["+limt=3"]), resolve=True))
 
 
 @pytest.mark.slow

@@ -4,11 +4,9 @@ import csv
 import json
 import logging
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
@@ -16,21 +14,18 @@ from protein_llava import ProteinLLM, build_preset, build_tiny
 from protein_llava.quantization import is_4bit, nf4_config
 from protein_llava.training.checkpointing import save_projector
 from protein_llava.training.export import export_run
-from protein_llava.training.run import check_config, train
-from protein_llava.training.stage2 import LoraSettings, apply_stage2_training
+from protein_llava.training.config import LoraSettings, compose_train_config
+from protein_llava.training.plan import resolve_plan
+from protein_llava.training.run import train
+from protein_llava.training.stage import apply_stage_spec, stage2_spec
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+compose_train = compose_train_config
 
 
 def tiny_qlora(compute_dtype=torch.float32):
     """The tiny ProteinLLM, its decoder in 4-bit, wrapped for stage 2 QLoRA (seed 0)."""
     model, processor = build_preset("tiny", dtype=torch.float32, quantization_config=nf4_config(compute_dtype))
-    return apply_stage2_training(model, "qlora", LoraSettings(r=8, alpha=16, dropout=0.0)), processor
+    return apply_stage_spec(model, stage2_spec("qlora"), LoraSettings(r=8, alpha=16, dropout=0.0)), processor
 
 
 def batch(processor):
@@ -133,13 +128,13 @@ def test_qlora_stage2_run_lowers_the_loss_and_exports_a_plain_model(tmp_path, on
         "trainer.max_steps=8", "stage2.warmup_steps=0", "stage2.lr=3e-3", "trainer.log_every_n_steps=1",
         "data.limit=64", f"out={tmp_path / 'run'}", f"checkpoints_dir={tmp_path}",
     ])
-    with caplog.at_level(logging.WARNING, logger="protein_llava.training.run"):
+    with caplog.at_level(logging.WARNING, logger="protein_llava.training.plan"):
         summary = train(cfg)
     assert ("stage2.llm=qlora on CPU" in caplog.text) == (not torch.cuda.is_available())
     run = tmp_path / "run"
     with (run / "logs" / "metrics.csv").open() as handle:
         losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
-    assert summary["steps"] == 8 and len(losses) == 8
+    assert summary.steps == 8 and len(losses) == 8
     assert losses[-1] < losses[0] - 0.1, losses  # measured 5.53 -> 5.32
     with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as adapter:
         lora_b = [adapter.get_tensor(k) for k in adapter.keys() if "lora_B" in k]
@@ -151,8 +146,13 @@ def test_qlora_stage2_run_lowers_the_loss_and_exports_a_plain_model(tmp_path, on
     assert not any(k.startswith("protein_encoder.") for k in changed)
 
     from protein_llava.cli import _stage_rows
+    from protein_llava.training.config import read_run_config
+    from protein_llava.training.summary import RunSummary
 
-    rows = _stage_rows(run, json.loads((run / "summary.json").read_text()), OmegaConf.to_container(cfg, resolve=True))
+    # train() called in-process writes no Hydra folder: save the composed config where train.py would.
+    (run / "hydra" / ".hydra").mkdir(parents=True)
+    (run / "hydra" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    rows = _stage_rows(run, RunSummary.read(run), read_run_config(run / "hydra" / ".hydra" / "config.yaml"))
     assert "decoder qlora (r 16, alpha 32) on a 4-bit NF4 decoder (double quantisation on, compute dtype float32)" in (
         rows["stage 2 (instruction tuning)"]
     )
@@ -161,10 +161,10 @@ def test_qlora_stage2_run_lowers_the_loss_and_exports_a_plain_model(tmp_path, on
 def test_qlora_config_checks(monkeypatch):
     base = ["stage=2", "model=text-only", "stage2.llm=qlora"]
     with pytest.raises(ValueError, match="stage2.qlora.compute_dtype must be null or one of"):
-        check_config(compose_train([*base, "stage2.qlora.compute_dtype=float8"]))
+        resolve_plan(compose_train([*base, "stage2.qlora.compute_dtype=float8"]))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match="stage2.llm=qlora needs bitsandbytes"):
-        check_config(compose_train(base))
+        resolve_plan(compose_train(base))
 
 
 def test_text_only_arm_with_qlora_exports_a_plain_decoder(tmp_path, one_thread):
@@ -172,6 +172,6 @@ def test_text_only_arm_with_qlora_exports_a_plain_decoder(tmp_path, one_thread):
         "stage=2", "model=text-only", "model.preset=tiny", "stage2.llm=qlora", "trainer.max_steps=2",
         "data.limit=16", f"out={tmp_path / 'run'}", f"checkpoints_dir={tmp_path}",
     ])
-    assert train(cfg)["steps"] == 2
+    assert train(cfg).steps == 2
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config

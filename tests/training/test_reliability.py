@@ -14,7 +14,7 @@ from protein_llava.training.checkpointing import AtomicCheckpointIO, atomic_writ
 from protein_llava.data.batching import ResumableBatchSampler
 from protein_llava.training.datamodule import SFTDataModule
 from protein_llava.training.optim import OptimConfig
-from protein_llava.training.stage1 import Stage1Module
+from protein_llava.training.stage import STAGE1, StageModule, apply_stage_spec
 
 
 def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
@@ -24,7 +24,7 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
     datamodule = SFTDataModule(
         str(_tiny_data(tmp_path)), ConversationTokenizer(processor, 256, mode="caption"), pad_token_id=3, processor=processor, batch_size=2
     )
-    module = Stage1Module(model, OptimConfig(total_steps=20, warmup_steps=0, max_nonfinite_in_a_row=3))
+    module = StageModule(apply_stage_spec(model, STAGE1), OptimConfig(total_steps=20, warmup_steps=0, max_nonfinite_in_a_row=3))
     trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
     with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss"):
         trainer.fit(module, datamodule=datamodule)
@@ -34,7 +34,7 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
 
 def test_nonfinite_gradients_drop_the_update(tmp_path):
     model, processor = build_tiny()
-    module = Stage1Module(model, OptimConfig(total_steps=5, warmup_steps=0))
+    module = StageModule(apply_stage_spec(model, STAGE1), OptimConfig(total_steps=5, warmup_steps=0))
     for parameter in model.projector.parameters():
         parameter.grad = torch.full_like(parameter, float("inf"))
     module.guard.check_gradients(model)

@@ -8,20 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
-from protein_llava.training.run import check_config, train
-from protein_llava.training.stage2 import ESM2_LORA_TARGETS, LoraSettings, apply_stage2_training
+from protein_llava.training.config import LoraSettings, compose_train_config
+from protein_llava.training.plan import resolve_plan
+from protein_llava.training.run import train
+from protein_llava.training.stage import ESM2_LORA_TARGETS, StageSpec, apply_stage_spec, stage2_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = ROOT / "configs" / "train"
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+compose_train = compose_train_config
 
 
 def run_script(args, cwd=ROOT, timeout=300, check=True):
@@ -83,7 +79,7 @@ def test_stage2_encoder_lora_trains_adapters_and_exports_a_plain_esm2(two_stage_
     overrides = ["model=tiny", "trainer.max_steps=4", f"checkpoints_dir={two_stage_run}", "checkpoint_every=100",
                  "stage=2", "stage2.encoder=lora", f"out={tmp_path / 'run'}"]
     summary = train(compose_train(overrides))
-    assert summary["steps"] == 4
+    assert summary.steps == 4
     run = tmp_path / "run"
     assert (run / "encoder_adapter" / "adapter_model.safetensors").is_file()
     exported = ProteinLLM.from_pretrained(run / "export").eval()
@@ -96,18 +92,50 @@ def test_stage2_encoder_lora_trains_adapters_and_exports_a_plain_esm2(two_stage_
 
 
 def test_stage2_encoder_setting_is_checked(tmp_path):
-    model, _ = build_tiny(seed=0)
-    with pytest.raises(ValueError, match="stage2.encoder must be one of frozen, lora, full"):
-        apply_stage2_training(model, "lora", LoraSettings(), encoder="partial")
+    with pytest.raises(ValueError, match="stage2.encoder must be one of frozen, lora, full; got 'partial'"):
+        stage2_spec("lora", encoder="partial")
     decoder = build_tiny(seed=0)[0].language_model
     with pytest.raises(ValueError, match="stage2.encoder=lora needs a multimodal model"):
-        apply_stage2_training(decoder, "lora", LoraSettings(), encoder="lora")
+        apply_stage_spec(decoder, stage2_spec("lora", encoder="lora"), LoraSettings())
+    with pytest.raises(ValueError, match="the text-only arm trains only the decoder: stage2.llm=frozen would train nothing"):
+        apply_stage_spec(decoder, stage2_spec("frozen"), LoraSettings())
+    with pytest.raises(ValueError, match="stage9 freezes encoder, projector and decoder: it would train nothing"):
+        apply_stage_spec(build_tiny(seed=0)[0], StageSpec("stage9", projector="frozen"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "trains"),
+    [
+        (stage2_spec("full"), {"encoder": False, "projector": True, "llm": True}),
+        (stage2_spec("lora", encoder="full"), {"encoder": True, "projector": True, "llm": True}),
+        (StageSpec("stage2", projector="frozen", llm="lora"), {"encoder": False, "projector": False, "llm": True}),
+    ],
+)
+def test_a_spec_trains_exactly_what_it_names(spec, trains, tmp_path):
+    from protein_llava.training.optim import OptimConfig
+    from protein_llava.training.stage import StageModule
+
+    model, processor = build_tiny(seed=0)
+    model = apply_stage_spec(model, spec, LoraSettings(r=2))
+    assert model.trainable_parts() == trains
+    module = StageModule(model, OptimConfig(total_steps=1, warmup_steps=0, lr=1e-2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = module.configure_optimizers()["optimizer"]
+    inputs = processor(text=["<seq> M K T A Y </seq> What is it?"])
+    module.loss({**inputs, "labels": inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.protein_token_id, -100)}).backward()
+    optimizer.step()
+    after = model.state_dict()
+    prefixes = {"encoder": "protein_encoder.", "projector": "projector.", "llm": "language_model."}
+    for part, prefix in prefixes.items():
+        changed = any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix))
+        # With LoRA, B starts at zero: the first step moves B (A's gradient is zero until B is not).
+        assert changed == trains[part], part
 
 
 def test_stage2_refuses_a_missing_or_mismatched_projector(two_stage_run, tmp_path):
     cfg = compose_train(["stage=2", "model=tiny", f"stage2.projector={tmp_path / 'none.safetensors'}"])
     with pytest.raises(FileNotFoundError, match="none.safetensors: no such file. Run `python train.py stage=1`"):
-        check_config(cfg)
+        resolve_plan(cfg)
     # A projector trained for another shape (mean-pool reduction here) is refused before training.
     from protein_llava.training.checkpointing import save_projector
     from protein_llava.builders import build_protein_llm
@@ -120,19 +148,19 @@ def test_stage2_refuses_a_missing_or_mismatched_projector(two_stage_run, tmp_pat
     save_projector(other, tmp_path / "other.safetensors")
     cfg = compose_train(["stage=2", "model=tiny", f"stage2.projector={tmp_path / 'other.safetensors'}", f"out={tmp_path / 'run'}", f"checkpoints_dir={two_stage_run}"])
     with pytest.raises(ValueError, match="other.safetensors was trained for projector_config="):
-        check_config(cfg)
+        resolve_plan(cfg)
 
 
 def test_text_only_arm_exports_a_plain_decoder(tmp_path):
     cfg = compose_train(["stage=2", "model=text-only", "model.preset=tiny", "trainer.max_steps=2", f"out={tmp_path}", f"checkpoints_dir={tmp_path}"])
     summary = train(cfg)
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["model_type"] == "llama" and summary["steps"] == 2
+    assert config["model_type"] == "llama" and summary.steps == 2
 
 
 def test_text_only_stage1_is_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match="model=text-only has no projector to align: run it as stage=2"):
-        check_config(compose_train(["stage=1", "model=text-only"]))
+        resolve_plan(compose_train(["stage=1", "model=text-only"]))
 
 
 def test_unknown_key_is_named_before_anything_loads(tmp_path):
@@ -178,7 +206,7 @@ def test_performance_options_train(overrides, tmp_path):
         ["stage=1", "model=tiny", "trainer.max_steps=3", f"out={tmp_path / 'run'}", f"checkpoints_dir={tmp_path}", *overrides]
     )
     summary = train(cfg)
-    assert summary["steps"] == 3 and summary["nonfinite_skipped_steps"] == 0
+    assert summary.steps == 3 and summary.nonfinite_skipped_steps == 0
     if "encoder_cache.enabled=true" in overrides:
         assert list((tmp_path / "encoder-cache").glob("*/shard-*.safetensors"))
 
@@ -199,8 +227,8 @@ def test_corrupted_records_are_skipped_counted_and_the_rest_trains(tmp_path):
     data.write_text("\n".join(lines))
     cfg = compose_train(["stage=1", "model=tiny", "data=local", f"data.path={data}", "trainer.max_steps=2", f"out={tmp_path / 'run'}"])
     summary = train(cfg)
-    assert summary["data"]["kept"] == 30
-    assert summary["data"]["skipped"] == {"bad_json": 10, "invalid_residue": 10, "missing_field": 10}
+    assert summary.data.kept == 30
+    assert summary.data.skipped == {"bad_json": 10, "invalid_residue": 10, "missing_field": 10}
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert any("data.jsonl:2" in example for example in report["train"]["examples"]["bad_json"])
     strict = compose_train(["stage=1", "model=tiny", "data=local", f"data.path={data}", "data.strict=true", f"out={tmp_path / 'strict'}"])

@@ -1,0 +1,219 @@
+"""One LightningModule for both stages, told by a `StageSpec` what trains and what the loss covers.
+
+Recipe interface (as torchtune's recipes): build the model outside, let `apply_stage_spec` freeze it and wrap
+LoRA where the spec asks, hand it to `StageModule`. `training_step` is the decoder's causal-LM loss on the
+tokens the collator left supervised (`StageSpec.loss_on` picks the tokenizer mode that decides which).
+
+- Stage 1 (`STAGE1`): the projector aligns on protein → description pairs; encoder and decoder frozen.
+- Stage 2 (`stage2_spec(...)`): instruction tuning, projector + LoRA on the decoder by default. The same
+  spec trains the text-only arm, whose model is the bare decoder (no encoder, no projector).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import lightning as L
+from torch import nn
+
+from ..modeling import ProteinLLM
+from ..quantization import compute_dtype, keep_training_layout
+from .config import LoraSettings
+from .optim import NonFiniteGuard, OptimConfig, check_trainable_keys_present, configure_adamw, trainable_state_dict
+
+ENCODER_CHOICES = ("frozen", "lora", "full")
+PROJECTOR_CHOICES = ("frozen", "full")
+LLM_CHOICES = ("lora", "qlora", "full", "frozen")
+LOSS_CHOICES = ("caption", "sft")
+# fair-esm's TransformerLayer: attention projections and the feed-forward pair (its LM head stays out).
+ESM2_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage trains and what its loss covers.
+
+    Fields:
+        name: the stage's config key ("stage1" / "stage2"), used in error messages.
+        encoder: ESM-2 frozen, with LoRA adapters on its attention and feed-forward layers, or trained whole.
+        projector: frozen or trained (a ProteinLLM's projector; the text-only arm has none).
+        llm: the decoder frozen, with LoRA, with LoRA on a 4-bit NF4 copy (QLoRA), or trained whole.
+        loss_on: "caption" (the description after the protein, stage 1) or "sft" (every assistant reply).
+    """
+
+    name: str
+    encoder: str = "frozen"
+    projector: str = "full"
+    llm: str = "frozen"
+    loss_on: str = "sft"
+
+    def __post_init__(self):
+        for field_name, choices in (("encoder", ENCODER_CHOICES), ("projector", PROJECTOR_CHOICES),
+                                    ("llm", LLM_CHOICES), ("loss_on", LOSS_CHOICES)):
+            value = getattr(self, field_name)
+            if value not in choices:
+                raise ValueError(f"{self.name}.{field_name} must be one of {', '.join(choices)}; got {value!r}")
+
+    def check_model(self, multimodal: bool) -> None:
+        """Reject a spec the model cannot follow (the text-only arm has neither encoder nor projector)."""
+        if multimodal:
+            if (self.encoder, self.projector, self.llm) == ("frozen", "frozen", "frozen"):
+                raise ValueError(f"{self.name} freezes encoder, projector and decoder: it would train nothing")
+            return
+        if self.encoder != "frozen":
+            raise ValueError(f"{self.name}.encoder={self.encoder} needs a multimodal model; the text-only arm has no encoder")
+        if self.llm == "frozen":
+            raise ValueError(f"the text-only arm trains only the decoder: {self.name}.llm=frozen would train nothing")
+
+
+STAGE1 = StageSpec("stage1", encoder="frozen", projector="full", llm="frozen", loss_on="caption")
+
+
+def stage2_spec(llm: str = "lora", encoder: str = "frozen") -> StageSpec:
+    """Stage 2: the projector trains; the decoder and encoder as asked; loss on the replies."""
+    return StageSpec("stage2", encoder=encoder, projector="full", llm=llm, loss_on="sft")
+
+
+def apply_stage_spec(model: nn.Module, spec: StageSpec, lora: LoraSettings | None = None) -> nn.Module:
+    """Freeze `model` as `spec` says and wrap LoRA where it asks. Returns the model to train.
+
+    For a ProteinLLM, the decoder (and, asked, the encoder) is wrapped in place. For a bare decoder (the
+    text-only arm) the returned model is the decoder itself or its peft wrapper.
+    """
+    lora = lora or LoraSettings()
+    multimodal = isinstance(model, ProteinLLM)
+    spec.check_model(multimodal)
+    adapted_llm = spec.llm in ("lora", "qlora")
+    if not multimodal:
+        model.requires_grad_(spec.llm == "full")
+        return _wrap_lora(model, lora, quantized=spec.llm == "qlora") if adapted_llm else model
+    model.set_trainable(encoder=spec.encoder == "full", projector=spec.projector == "full", llm=spec.llm == "full")
+    if adapted_llm:
+        model.language_model = _wrap_lora(model.language_model, lora, quantized=spec.llm == "qlora")
+    if spec.encoder == "lora":
+        model.protein_encoder.esm = _wrap_encoder_lora(model.protein_encoder.esm, lora)
+    return model
+
+
+def _import_peft():
+    """peft, imported without bitsandbytes' CPU notice (see `console.quiet_bitsandbytes_import`)."""
+    from .console import quiet_bitsandbytes_import
+
+    with quiet_bitsandbytes_import():
+        import peft
+    return peft
+
+
+def _wrap_encoder_lora(esm2: nn.Module, lora: LoraSettings) -> nn.Module:
+    """fair-esm's ESM2 inside a peft model with LoRA on every layer's linear maps (`ESM2_LORA_TARGETS`)."""
+    peft = _import_peft()
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(ESM2_LORA_TARGETS))
+    return peft.get_peft_model(esm2, config)
+
+
+def _wrap_lora(language_model: nn.Module, lora: LoraSettings, quantized: bool) -> nn.Module:
+    """The decoder inside a peft model with LoRA on `lora.target_modules`.
+
+    `quantized` (QLoRA): the decoder is 4-bit; peft's k-bit preparation freezes it and upcasts its norms to
+    float32, and the adapters are cast to the 4-bit layers' compute dtype, as in the QLoRA reference code.
+    Its weights keep the trainable layout on CPU (see `quantization.keep_training_layout`).
+    """
+    peft = _import_peft()
+    if quantized:
+        keep_training_layout(language_model)
+        language_model = peft.prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
+    target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, task_type="CAUSAL_LM"
+    )
+    with warnings.catch_warnings():
+        # peft asks the decoder `is_gradient_checkpointing`, a name transformers 5 deprecated; nothing to change here.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        wrapped = peft.get_peft_model(language_model, config)
+    if quantized:
+        dtype = compute_dtype(wrapped)
+        for name, parameter in wrapped.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.to(dtype)
+    return wrapped
+
+
+def _frozen_parts(model: nn.Module) -> list[nn.Module]:
+    """The parts of `model` with no trainable parameter (kept in eval mode: no dropout while others learn)."""
+    parts = [model.protein_encoder, model.projector, model.language_model] if isinstance(model, ProteinLLM) else [model]
+    return [part for part in parts if not any(p.requires_grad for p in part.parameters())]
+
+
+class StageModule(L.LightningModule):
+    """Trains whatever `apply_stage_spec` left trainable; loss on the supervised tokens of each batch.
+
+    Args:
+        model: a ProteinLLM or (text-only arm) a bare decoder, already frozen / wrapped by `apply_stage_spec`.
+        optim: optimizer and schedule. gradient_checkpointing: recompute the decoder's activations in backward.
+        loss_chunk_size: None, the decoder's own loss; N, the chunked loss (`protein_llava.loss`).
+    """
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, gradient_checkpointing: bool = False, loss_chunk_size: int | None = None):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.loss_chunk_size = loss_chunk_size
+        if gradient_checkpointing:
+            decoder = model.language_model if isinstance(model, ProteinLLM) else model
+            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(decoder, "enable_input_require_grads"):
+                decoder.enable_input_require_grads()
+        # Frozen weights are rebuilt from the model, not stored in every Lightning checkpoint.
+        self.strict_loading = False
+        self.guard = NonFiniteGuard(optim.max_nonfinite_in_a_row)
+        self._last_loss = None  # a tensor (no device sync per step), for the run's summary
+
+    def loss(self, batch: dict):
+        if self.loss_chunk_size is None:
+            return self.model(**batch, use_cache=False).loss
+        if isinstance(self.model, ProteinLLM):
+            return self.model(**batch, use_cache=False, loss_chunk_size=self.loss_chunk_size).loss
+        from ..loss import chunked_causal_lm_forward
+
+        batch = dict(batch)
+        return chunked_causal_lm_forward(self.model, batch.pop("labels"), self.loss_chunk_size, **batch).loss
+
+    @property
+    def last_train_loss(self) -> float | None:
+        """The loss of the last step this process trained (whatever log_every_n_steps is)."""
+        return None if self._last_loss is None else float(self._last_loss)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        if not self.guard.check_loss(loss):
+            return None  # Lightning skips the optimizer step
+        self._last_loss = loss.detach()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/skipped_steps", float(self.guard.skipped), batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_before_optimizer_step(self, optimizer):
+        self.guard.check_gradients(self.model)
+
+    def configure_optimizers(self):
+        return configure_adamw(self.model.parameters(), self.optim)
+
+    def on_fit_start(self):
+        # Lightning keeps each module's mode as it finds it, and from_pretrained hands over eval-mode
+        # decoders: whatever trains goes to train mode, and the frozen parts stay in eval mode.
+        self.model.train()
+        for part in _frozen_parts(self.model):
+            part.eval()
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        checkpoint["nonfinite_skipped"] = self.guard.skipped
+
+    def on_load_checkpoint(self, checkpoint):
+        check_trainable_keys_present(self, checkpoint["state_dict"])
+        self.guard.skipped = checkpoint.get("nonfinite_skipped", 0)
