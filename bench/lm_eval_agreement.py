@@ -50,15 +50,14 @@ def eval_overrides(args) -> list[str]:
 
 def prompts_of(args):
     """The items eval.py scored and the exact text it scored for each (eval.py's own functions)."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from protein_llava.evaluation import EvalConfig, load_benchmark
     from protein_llava.evaluation.arms import load_arm
+    from protein_llava.evaluation.config import compose_eval_config
     from protein_llava.evaluation.runner import item_prompt
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs" / "eval"), version_base="1.3"):
-        cfg = compose("eval", overrides=eval_overrides(args))
+    cfg = compose_eval_config(eval_overrides(args))
     config = EvalConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
     items = load_benchmark(config.benchmark, config.limit).items
     arm = load_arm("model", config.model, config.dtype, "cpu", config.attn_implementation)
