@@ -30,7 +30,7 @@ from protein_llava.data.collate import PackedCollator, PaddedCollator
 from protein_llava.data.demo import write_demo_dataset
 from protein_llava.data.records import read_conversations
 from protein_llava.data.tokenize import ConversationTokenizer, Example
-from protein_llava.encoder_cache import RepresentationCache
+from protein_llava.training.encoder_cache import RepresentationCache
 from protein_llava.text_tokenizer import byte_level_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -58,7 +58,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, o
 
 def load_encoder_weights(model: ProteinLLM, source: str) -> None:
     """Load ESM-2 weights (a fair-esm name, a fair-esm `.pt` file or an HF `facebook/esm2_*` folder)."""
-    from .esm_weights import load_esm2_weights, load_state_dict_into_esm2
+    from .convert.esm_weights import load_esm2_weights, load_state_dict_into_esm2
 
     architecture, state_dict = load_esm2_weights(source)
     expected = model.config.encoder_config

@@ -36,7 +36,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_answerer(args):
-    from .predict import Answerer
+    from .inference.predict import Answerer
 
     try:
         answerer = Answerer.from_folder(args.model, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
@@ -58,7 +58,7 @@ def _positive(text: str) -> int:
 
 
 def predict_command(args) -> int:
-    from .predict import FastaRecord, answered_ids, predict_fasta, read_fasta
+    from .inference.predict import FastaRecord, answered_ids, predict_fasta, read_fasta
 
     question = TEMPLATES[args.template] if args.template else args.question
     if not question.strip():
@@ -96,7 +96,7 @@ CHAT_HELP = """commands: /protein SEQ (load another protein, new conversation), 
 
 
 def chat_command(args) -> int:
-    from .predict import ChatSession, read_fasta
+    from .inference.predict import ChatSession, read_fasta
     from .sequences import ProteinSequenceError
 
     sequence = args.sequence
@@ -158,7 +158,7 @@ def serve_command(args) -> int:
 
     import uvicorn
 
-    from .serving import ServerLimits, create_app
+    from .inference.serving import ServerLimits, create_app
 
     try:
         limits = ServerLimits(
@@ -194,7 +194,7 @@ API_KEY_VARIABLE = "PROTEIN_LLAVA_API_KEY"
 
 
 def demo_command(args) -> int:
-    from .webdemo import DemoSettings, build_app, launch
+    from .inference.webdemo import DemoSettings, build_app, launch
 
     try:
         settings = DemoSettings(max_new_tokens=args.max_new_tokens, max_new_tokens_limit=args.max_new_tokens_limit)

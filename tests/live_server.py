@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from protein_llava.serving import ServerLimits
+from protein_llava.inference.serving import ServerLimits
 
 MODEL_NAME = "tiny-protein-llava"
 

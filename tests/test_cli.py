@@ -15,7 +15,8 @@ from sample_proteins import P1, P2
 
 from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
 from protein_llava.cli import main
-from protein_llava.predict import TEMPLATES, Answerer, ChatSession, user_message
+from protein_llava.data.prompts import TEMPLATES, user_message
+from protein_llava.inference.predict import Answerer, ChatSession
 from protein_llava.training.export import export_run
 
 R1, R2 = P1.replace(" ", ""), P2.replace(" ", "")

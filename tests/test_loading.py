@@ -15,7 +15,7 @@ from protein_llava.loading import (
     saved_model_type,
     torch_dtype,
 )
-from protein_llava.predict import Answerer
+from protein_llava.inference.predict import Answerer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -73,7 +73,7 @@ def build_model(plan: TrainPlan):
 
 def attach_representation_cache(config: TrainConfig, model, datamodule: SFTDataModule) -> None:
     """Fill the frozen-encoder cache with every protein of the run's data and make the collator read from it."""
-    from ..encoder_cache import RepresentationCache
+    from .encoder_cache import RepresentationCache
 
     if not isinstance(model, ProteinLLM):
         raise ValueError("encoder_cache.enabled=true needs a multimodal model; the text-only arm has no encoder")

@@ -13,9 +13,9 @@ from protein_llava.evaluation.lm_eval_task import (
     read_lm_eval_samples,
     write_lm_eval_task,
 )
-from protein_llava.predict import Answerer
+from protein_llava.inference.predict import Answerer
 from protein_llava.sequences import format_sequence
-from protein_llava.serving import ServerLimits, create_app
+from protein_llava.inference.serving import ServerLimits, create_app
 
 pytestmark = pytest.mark.slow
 PROTEINS = [P1.replace(" ", "")[:30], P2.replace(" ", "")[:30], "MKTAYIAKQRQISFVK", "MSIPSSQYGFVFNKQ"]

@@ -1,11 +1,11 @@
-"""protein_llava.predict: prompts, FASTA records and their checks, resuming, batched == single answers, chat."""
+"""protein_llava.inference.predict: prompts, FASTA records and their checks, resuming, batched == single answers, chat."""
 
 import json
 
 import pytest
 from sample_proteins import P1, P2
 
-from protein_llava.predict import (
+from protein_llava.inference.predict import (
     TEMPLATES,
     Answerer,
     ChatSession,

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .encoder import ProteinEncoder, esm2_alphabet
-from .files import atomic_write
+from ..encoder import ProteinEncoder, esm2_alphabet
+from ..files import atomic_write
 
 
 def sequence_key(residues: str) -> str:

@@ -5,7 +5,7 @@ from sample_proteins import P1
 
 from protein_llava.data.prompts import TEMPLATES, user_message
 from protein_llava.evaluation.benchmarks import official_prompt
-from protein_llava.serving.prompts import (
+from protein_llava.inference.serving.prompts import (
     PromptError,
     decode_with_offsets,
     prepare_rendered_prompt,

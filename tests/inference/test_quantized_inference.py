@@ -9,7 +9,7 @@ from torch import nn
 
 from protein_llava import ProteinLLM, ProteinLLMProcessor
 from protein_llava.cli import main
-from protein_llava.predict import Answerer
+from protein_llava.inference.predict import Answerer
 from protein_llava.quantization import decoder_only, is_4bit, nf4_config
 
 

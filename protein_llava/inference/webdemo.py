@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .predict import TEMPLATES, Answerer, FastaRecord, Query, check_records, user_message
-from .sequences import ProteinSequenceError, SequenceReason
+from ..data.prompts import TEMPLATES, user_message
+from .predict import Answerer, FastaRecord, Query, check_records
+from ..sequences import ProteinSequenceError, SequenceReason
 
 RAW_ID = "query"  # the id a pasted sequence without a FASTA header gets, as `predict --sequence` gives it
 

@@ -10,7 +10,7 @@ import torch
 from live_server import MODEL_NAME, TEST_LIMITS, live_server
 
 from protein_llava.data.prompts import user_message
-from protein_llava.serving import create_app
+from protein_llava.inference.serving import create_app
 
 PROTEIN = "MKTAYIAKQRQISFVK"
 QUESTION = "What is the function of this protein?"
@@ -227,7 +227,7 @@ def test_streamed_text_with_a_stop_string_equals_the_whole_answer(client):
 
 
 def test_streaming_holds_back_what_may_become_a_stop_string():
-    from protein_llava.serving.app import _streamable
+    from protein_llava.inference.serving.app import _streamable
 
     assert _streamable("hello wor", ("world",)) == "hello "
     assert _streamable("hello world and more", ("world",)) == "hello "

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..sequences import ProteinSequenceError, find_seq_spans
+from ...sequences import ProteinSequenceError, find_seq_spans
 
 
 class PromptError(ValueError):

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from live_server import MODEL_NAME, live_server
 
-from protein_llava.serving import ServerLimits, create_app
-from protein_llava.serving.engine import Engine, Job, form_batches, run_batch
-from protein_llava.serving.prompts import PreparedPrompt, prepare_text_prompt
+from protein_llava.inference.serving import ServerLimits, create_app
+from protein_llava.inference.serving.engine import Engine, Job, form_batches, run_batch
+from protein_llava.inference.serving.prompts import PreparedPrompt, prepare_text_prompt
 
 ANSWER = {"sequences": ["MKTAYIAKQR"], "question": "ok?", "max_new_tokens": 2}
 

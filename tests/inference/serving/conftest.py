@@ -5,8 +5,8 @@ import pytest
 import torch
 from live_server import MODEL_NAME, TEST_LIMITS, live_server
 
-from protein_llava.predict import Answerer
-from protein_llava.serving import create_app
+from protein_llava.inference.predict import Answerer
+from protein_llava.inference.serving import create_app
 
 
 @pytest.fixture(scope="package")

@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from ..data.prompts import TEMPLATES, user_message
+from ...data.prompts import TEMPLATES, user_message
 from ..predict import Answerer
-from ..sequences import ProteinSequenceError
+from ...sequences import ProteinSequenceError
 from . import openai_api as oai
 from .engine import Completion, Engine, Job, JobCancelled, QueueFull, Sampling
 from .prompts import (

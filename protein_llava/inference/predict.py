@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .data.prompts import TEMPLATES, user_message  # noqa: F401 (TEMPLATES: serving still imports it from here)
-from .loading import PROTEIN_LLM_MODEL_TYPE, load_model, saved_model_type
-from .sequences import CheckedSequence, ProteinSequenceError, check_sequence
+from ..data.prompts import user_message
+from ..loading import PROTEIN_LLM_MODEL_TYPE, load_model, saved_model_type
+from ..sequences import CheckedSequence, ProteinSequenceError, check_sequence
 
 
 class Answerer:

@@ -4,7 +4,7 @@ from protein_llava import build_tiny
 from protein_llava.data.collate import PaddedCollator
 from protein_llava.data.records import Conversation, Turn
 from protein_llava.data.tokenize import ConversationTokenizer
-from protein_llava.encoder_cache import RepresentationCache, encoder_identity
+from protein_llava.training.encoder_cache import RepresentationCache, encoder_identity
 from sample_proteins import P1, P2
 
 

@@ -1,4 +1,4 @@
-"""protein_llava.webdemo: the protein box checked as `predict` checks it, streamed answers equal to the
+"""protein_llava.inference.webdemo: the protein box checked as `predict` checks it, streamed answers equal to the
 greedy `Answerer` ones, the conversation equal to `ChatSession`'s, Stop, the app and the CLI entry; and
 one end-to-end run in headless Chromium (a visible skip where the system has none)."""
 
@@ -15,9 +15,10 @@ import torch
 from sample_proteins import P1, P2
 
 from protein_llava.cli import build_parser, main
-from protein_llava.predict import TEMPLATES, Answerer, ChatSession, FastaRecord, check_records, user_message
+from protein_llava.data.prompts import TEMPLATES, user_message
+from protein_llava.inference.predict import Answerer, ChatSession, FastaRecord, check_records
 from protein_llava.sequences import ProteinSequenceError
-from protein_llava.webdemo import (
+from protein_llava.inference.webdemo import (
     EXAMPLE_PROTEINS,
     AnswerStream,
     DemoSettings,
@@ -29,7 +30,7 @@ from protein_llava.webdemo import (
 )
 
 R1, R2 = P1.replace(" ", ""), P2.replace(" ", "")
-README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "webdemo.png"
+README_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "webdemo.png"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -220,7 +221,7 @@ def test_stop_keeps_the_partial_answer(answerer):
 
 
 def test_build_app_has_the_widgets(answerer):
-    from protein_llava.webdemo import build_app
+    from protein_llava.inference.webdemo import build_app
 
     app = build_app(answerer, model_name="tiny")
     ids = {block.elem_id for block in app.blocks.values() if getattr(block, "elem_id", None)}
@@ -269,7 +270,7 @@ def test_in_a_headless_browser(tiny_folder, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from protein_llava.webdemo import build_app, launch
+    from protein_llava.inference.webdemo import build_app, launch
 
     folder = Path(os.environ.get("PROTEIN_LLAVA_DEMO_MODEL", tiny_folder))
     answerer = Answerer.from_folder(folder, device="cpu")

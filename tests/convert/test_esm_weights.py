@@ -1,4 +1,4 @@
-"""Tests for protein_llava.esm_weights: HF folders, fair-esm files and pretrained names all load into ESM2."""
+"""Tests for protein_llava.convert.esm_weights: HF folders, fair-esm files and pretrained names all load into ESM2."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
-from protein_llava.esm_weights import (
+from protein_llava.convert.esm_weights import (
     FAIR_ESM2_PRETRAINED,
     ESM2Architecture,
     build_esm2,
