@@ -60,7 +60,8 @@ def test_samples_are_rows_or_packed_segments():
     from protein_llava.data.collate import PackedCollator
 
     examples = [Example(input_ids=(1,) * n, labels=(-100,) + (2,) * (n - 1), proteins=(), record_id=str(n)) for n in (4, 3, 5, 2)]
-    batch = PackedCollator(pad_token_id=0, pack_length=8)(examples)  # 2 rows (4+3 | 5+2), each with tail padding
+    rows = [examples[:2], examples[2:]]  # as the packed sampler hands them: 4+3 | 5+2, each with tail padding
+    batch = PackedCollator(pad_token_id=0, pack_length=8)(rows)
     assert batch["input_ids"].shape[0] == 2 and count_samples(batch) == 4
 
 
