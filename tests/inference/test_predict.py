@@ -5,8 +5,8 @@ import json
 import pytest
 from sample_proteins import P1, P2
 
+from protein_llava.data.prompts import TEMPLATES, user_message
 from protein_llava.inference.predict import (
-    TEMPLATES,
     Answerer,
     ChatSession,
     FastaRecord,
@@ -14,7 +14,6 @@ from protein_llava.inference.predict import (
     check_records,
     predict_fasta,
     read_fasta,
-    user_message,
 )
 from protein_llava.sequences import ProteinSequenceError
 
