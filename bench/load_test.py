@@ -69,8 +69,7 @@ def abusive_request(rng: random.Random) -> tuple[str, str, dict | bytes]:
     return kind, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi <seq> M K T </seq>"}], "max_tokens": 512, "stream": True}
 
 
-async def one_request(client: httpx.AsyncClient, rng: random.Random, abuse: float) -> dict:
-    abusive = rng.random() < abuse
+async def one_request(client: httpx.AsyncClient, rng: random.Random, abusive: bool) -> dict:
     kind, path, body = abusive_request(rng) if abusive else valid_request(rng)
     started = time.perf_counter()
     try:
@@ -94,9 +93,13 @@ async def load(url: str, clients: int, seconds: float, abuse: float, seed: int) 
 
     async def client_loop(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
+        # Exactly a share `abuse` of each client's requests is abusive, spread evenly (offset per client).
+        offset, sent = index / clients, 0
         async with httpx.AsyncClient(base_url=url, timeout=300, trust_env=False) as client:
             while time.monotonic() < stop_at:
-                results.append(await one_request(client, rng, abuse))
+                abusive = int((sent + 1) * abuse + offset) > int(sent * abuse + offset)
+                results.append(await one_request(client, rng, abusive))
+                sent += 1
 
     await asyncio.gather(*(client_loop(i) for i in range(clients)))
     return results
