@@ -35,10 +35,13 @@ test: venv browser
 	$(PY) -m pytest -q tests
 
 # The web demo's browser test drives the system Chromium. Installed when this machine can (root + apt);
-# otherwise that one test skips and says so, and nothing else depends on it.
+# otherwise that one test skips and says so, and nothing else depends on it. Only the download is timed
+# out, so an interrupted run never leaves a half-configured package behind.
+BROWSER_PACKAGES := chromium chromium-driver fonts-dejavu-core
 browser:
 	@command -v chromedriver >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  timeout 300 sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core' >/dev/null; } || \
+	  timeout 240 sh -c 'apt-get update -qq && apt-get install -y -qq --download-only --no-install-recommends $(BROWSER_PACKAGES)' >/dev/null && \
+	  apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; } || \
 	  echo "make browser: no system Chromium; the web demo's browser test will skip"
 
 bench: venv
