@@ -64,6 +64,16 @@ class Answerer:
         """Messages (proteins inline as `<seq> ... </seq>`) → the prompt text, assistant turn opened."""
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
+    def generation_options(self) -> dict:
+        """The `generate` settings every caller shares (Answerer, the server's engine, the web demo)."""
+        return {
+            "num_beams": 1,
+            "eos_token_id": self.stop_token_ids or None,
+            "pad_token_id": self.pad_token_id,
+            # A generated placeholder would be read as a protein slot on the next step.
+            "suppress_tokens": [self.processor.protein_token_id],
+        }
+
     @torch.inference_mode()
     def answer(self, prompts: Sequence[str], max_new_tokens: int | Sequence[int]) -> list[str]:
         """Greedy answers for rendered prompts; `max_new_tokens` is one limit or one per prompt."""
@@ -72,16 +82,7 @@ class Answerer:
             raise ValueError(f"got {len(prompts)} prompts but {len(limits)} max_new_tokens values")
         # The chat template already placed any BOS token.
         inputs = self.processor(text=list(prompts), add_special_tokens=False).to(self.device)
-        generated = self.model.generate(
-            **inputs,
-            max_new_tokens=max(limits),
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=self.stop_token_ids or None,
-            pad_token_id=self.pad_token_id,
-            # A generated placeholder would be read as a protein slot on the next step.
-            suppress_tokens=[self.processor.protein_token_id],
-        )
+        generated = self.model.generate(**inputs, max_new_tokens=max(limits), do_sample=False, **self.generation_options())
         new_tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()  # (batch, new) as lists
         answers = []
         for tokens, limit in zip(new_tokens, limits):

@@ -206,11 +206,7 @@ class AnswerStream:
                 answerer.model.generate(
                     **self.inputs,
                     max_new_tokens=self.max_new_tokens,
-                    num_beams=1,
-                    eos_token_id=answerer.stop_token_ids or None,
-                    pad_token_id=answerer.pad_token_id,
-                    # A generated placeholder would be read as a protein slot on the next step.
-                    suppress_tokens=[answerer.processor.protein_token_id],
+                    **answerer.generation_options(),
                     streamer=self._streamer,
                     stopping_criteria=StoppingCriteriaList([self._criterion]),
                     **sampling,

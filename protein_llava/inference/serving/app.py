@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -28,8 +29,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from ...data.prompts import TEMPLATES, user_message
-from ..predict import Answerer
 from ...sequences import ProteinSequenceError
+from ..predict import Answerer
 from . import openai_api as oai
 from .engine import Completion, Engine, Job, JobCancelled, QueueFull, Sampling
 from .prompts import (
@@ -514,6 +515,4 @@ def _streamable(text: str, stops: tuple[str, ...]) -> str:
 
 
 def _error_event(status: int, reason: str, detail: str) -> str:
-    import json
-
     return json.dumps({"error": {"message": detail, "type": "server_error" if status >= 500 else "invalid_request_error", "code": reason, "status": status}})

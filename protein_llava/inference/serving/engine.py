@@ -336,9 +336,8 @@ def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
     sampling = jobs[0].sampling
     options = {"do_sample": False} if sampling.greedy else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     want_logits = any(job.logprobs is not None for job in jobs)
-    stop_ids = set(answerer.stop_token_ids)
     row_stops = _RowStops(jobs, input_ids.shape[1], processor.tokenizer)
-    streamer = _RowStreamer(jobs, stop_ids, row_stops.ended_rows) if any(job.stream for job in jobs) else None
+    streamer = _RowStreamer(jobs, set(answerer.stop_token_ids), row_stops.ended_rows) if any(job.stream for job in jobs) else None
     # A seeded job draws from its own generator state and leaves the process's untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if sampling.seed is not None:
@@ -348,11 +347,7 @@ def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
             attention_mask=attention_mask,
             **({"protein_input_ids": protein_input_ids} if protein_input_ids is not None else {}),
             max_new_tokens=longest_new,
-            num_beams=1,
-            eos_token_id=answerer.stop_token_ids or None,
-            pad_token_id=answerer.pad_token_id,
-            # A generated placeholder would be read as a protein slot on the next step.
-            suppress_tokens=[processor.protein_token_id],
+            **answerer.generation_options(),
             stopping_criteria=StoppingCriteriaList([row_stops]),
             streamer=streamer,
             return_dict_in_generate=True,
@@ -365,24 +360,32 @@ def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
     for row, job in enumerate(jobs):
         # A row the stopping criterion ended is padding after that point.
         tokens = new_tokens[row][: min(job.max_new_tokens, row_stops.ended_rows.get(row, job.max_new_tokens))]
-        finish = "length"
-        for index, token in enumerate(tokens):
-            if token in stop_ids:
-                tokens, finish = tokens[:index], "stop"
-                break
-        text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = [text.find(stop) for stop in job.stop if stop in text]
-        if cut:
-            text, finish = text[: min(cut)], "stop"
-            tokens = _tokens_covering(processor.tokenizer, tokens, len(text))
-        if job.cancelled.is_set() and finish == "length" and len(tokens) < job.max_new_tokens:
-            finish = "cancelled"
-        token_logprobs = None
-        if job.logprobs is not None:
-            row_logprobs = torch.log_softmax(logits[row, : len(tokens)], dim=-1)
-            token_logprobs = [_token_logprobs(row_logprobs[i], token, job.logprobs) for i, token in enumerate(tokens)]
-        completions.append(Completion(tokens, text, finish, prompt_logprobs[row], token_logprobs))
+        row_logits = logits[row] if logits is not None else None
+        completions.append(_finish_row(answerer, job, tokens, row_logits, prompt_logprobs[row]))
     return completions
+
+
+def _finish_row(answerer, job: Job, tokens: list[int], logits: torch.Tensor | None, prompt_logprobs) -> Completion:
+    """A row's new tokens → its completion: cut at the first stop token or stop string, decoded, with the
+    logprobs of the tokens kept (`logits`: (new tokens, vocab), the raw scores at each new position)."""
+    tokenizer = answerer.processor.tokenizer
+    finish = "length"
+    for index, token in enumerate(tokens):
+        if token in answerer.stop_token_ids:
+            tokens, finish = tokens[:index], "stop"
+            break
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cut = [text.find(stop) for stop in job.stop if stop in text]
+    if cut:
+        text, finish = text[: min(cut)], "stop"
+        tokens = _tokens_covering(tokenizer, tokens, len(text))
+    if job.cancelled.is_set() and finish == "length" and len(tokens) < job.max_new_tokens:
+        finish = "cancelled"
+    token_logprobs = None
+    if job.logprobs is not None:
+        row_logprobs = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+        token_logprobs = [_token_logprobs(row_logprobs[i], token, job.logprobs) for i, token in enumerate(tokens)]
+    return Completion(tokens, text, finish, prompt_logprobs, token_logprobs)
 
 
 def _tokens_covering(tokenizer, tokens: list[int], length: int) -> list[int]:
@@ -406,19 +409,7 @@ def _one_greedy_token(answerer, job: Job, logits: torch.Tensor, prompt_logprobs)
     choosable = logits.clone()
     if answerer.processor.protein_token_id < choosable.shape[0]:
         choosable[answerer.processor.protein_token_id] = float("-inf")  # as generate's suppress_tokens
-    token = int(choosable.argmax())
-    if token in answerer.stop_token_ids:
-        return Completion([], "", "stop", prompt_logprobs, [] if job.logprobs is not None else None)
-    text = answerer.processor.tokenizer.decode([token], skip_special_tokens=True)
-    finish, tokens = "length", [token]
-    cut = [text.find(stop) for stop in job.stop if stop in text]
-    if cut:  # as in `run_batch`: the text ends before the stop string, the token stays if text is left
-        text, finish = text[: min(cut)], "stop"
-        tokens = tokens if text else []
-    logprobs = None
-    if job.logprobs is not None:
-        logprobs = [_token_logprobs(torch.log_softmax(logits.float(), dim=-1), t, job.logprobs) for t in tokens]
-    return Completion(tokens, text, finish, prompt_logprobs, logprobs)
+    return _finish_row(answerer, job, [int(choosable.argmax())], logits[None], prompt_logprobs)
 
 
 def _prompt_logprobs(answerer, jobs: list[Job]) -> tuple[list[list[TokenLogprobs | None] | None], list[torch.Tensor]]:

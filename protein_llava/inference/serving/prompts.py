@@ -54,7 +54,10 @@ def prepare_rendered_prompt(processor, text: str, record: str) -> PreparedPrompt
     except ProteinSequenceError as error:
         raise PromptError(str(error.reason), str(error)) from error
     ids = processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
-    _check_placeholders(processor, ids, expanded, record)
+    try:
+        processor._check_placeholder_counts([ids], [expanded])  # the processor's own guard, as for any batch
+    except ValueError as error:
+        raise PromptError("placeholder_in_prompt", f"{record}: {error}") from error
     return PreparedPrompt(input_ids=list(ids), proteins=proteins)
 
 
@@ -131,13 +134,3 @@ def decode_with_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
     offsets = [0] + [len(tokenizer.decode(ids[:end], **options)) for end in range(1, len(ids))]
     # A prefix that ends inside a character decodes to a replacement character; never point past the text.
     return text, [min(offset, len(text)) for offset in offsets]
-
-
-def _check_placeholders(processor, ids: list[int], expanded: str, record: str) -> None:
-    found, expected = ids.count(processor.protein_token_id), expanded.count(processor.protein_token)
-    if found != expected:
-        raise PromptError(
-            "placeholder_in_prompt",
-            f"{record}: the tokenizer produced {found} {processor.protein_token} tokens where {expected} were expected",
-        )
-
