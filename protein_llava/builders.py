@@ -99,6 +99,8 @@ def build_protein_llm(
     if getattr(config.text_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         config.text_config.pad_token_id = tokenizer.pad_token_id
     model = ProteinLLM(config, language_model=language_model)
+    if config.projector_config.output_norm == "rms" and config.projector_config.output_scale is None:
+        match_output_scale_to_embeddings(model)
     if language_model is not None:
         model.generation_config = copy.deepcopy(language_model.generation_config)
     if processor.protein_token_id < config.text_config.vocab_size:
@@ -109,6 +111,19 @@ def build_protein_llm(
     if encoder_weights is not None:
         load_encoder_weights(model, encoder_weights)
     return model.eval(), processor
+
+
+def match_output_scale_to_embeddings(model: ProteinLLM) -> float:
+    """Set the projector's output-norm gain to the decoder's token-embedding RMS; returns it.
+
+    Recorded in `projector_config.output_scale`, so a saved model rebuilds with the same initial gain.
+    """
+    weight = model.get_input_embeddings().weight
+    scale = float(weight.detach().float().pow(2).mean().sqrt())
+    model.config.projector_config.output_scale = scale
+    with torch.no_grad():
+        model.projector.output_norm.weight.fill_(scale)
+    return scale
 
 
 def load_decoder(

@@ -24,6 +24,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 TOKEN_REDUCTIONS = ("none", "mean_pool", "resampler")
+OUTPUT_NORMS = ("none", "rms")
 PRESETS_DIR = Path(__file__).with_name("presets")
 DECODER_SOURCES = ("random", "smollm2", "folder")
 
@@ -91,6 +92,15 @@ class ProjectorConfig(PreTrainedConfig):
         pool_stride: residues per token for "mean_pool".
         num_latents: tokens per protein for "resampler", whatever its length.
         resampler_heads: attention heads of the resampler's cross-attention.
+        summary_token: put one extra token first in each protein's run: the projection of the mean of its
+            residue features (what a linear probe on pooled features reads: composition, charge, length).
+            Without it the decoder must pool dozens of soft tokens by attention to answer a global question.
+        output_norm: "none", or "rms": RMS-normalise every protein token and scale it by a learned gain, so
+            protein tokens keep the norm of the decoder's own token embeddings. Unbounded, they grow far
+            past it (norm ~36 against ~3 for SmolLM2's text tokens after stage 1 at lr 1e-3), and tokens
+            of outsized norm pass through a decoder nearly unchanged and are ignored (arXiv 2512.08374).
+        output_scale: the gain's initial value under output_norm="rms"; None: the decoder's token-embedding
+            RMS, measured from its embedding matrix when the model is built (and then stored here).
     """
 
     model_type = "protein_llava_projector"
@@ -101,9 +111,16 @@ class ProjectorConfig(PreTrainedConfig):
     pool_stride: int = 4
     num_latents: int = 32
     resampler_heads: int = 4
+    summary_token: bool = False
+    output_norm: Literal["none", "rms"] = "none"
+    output_scale: float | None = None
 
     def validate_architecture(self):
         """Reject nonsense at construction, naming the field."""
+        if self.output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"unknown output_norm {self.output_norm!r}; choose one of {OUTPUT_NORMS}")
+        if self.output_scale is not None and not self.output_scale > 0:
+            raise ValueError(f"projector_config.output_scale must be > 0, got {self.output_scale}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"unknown projector type {self.projector_type!r}; choose one of {PROJECTOR_TYPES}")
         if self.token_reduction not in TOKEN_REDUCTIONS:
@@ -123,13 +140,14 @@ def num_protein_tokens(length: int, projector_config: ProjectorConfig) -> int:
     """
     if length < 1:
         raise ValueError(f"a protein needs at least one residue, got length {length}")
+    summary = 1 if projector_config.summary_token else 0
     reduction = projector_config.token_reduction
     if reduction == "none":
-        return length
+        return summary + length
     if reduction == "mean_pool":
-        return math.ceil(length / projector_config.pool_stride)
+        return summary + math.ceil(length / projector_config.pool_stride)
     if reduction == "resampler":
-        return projector_config.num_latents
+        return summary + projector_config.num_latents
     raise ValueError(f"unknown token_reduction {reduction!r}")
 
 
@@ -178,7 +196,8 @@ class ProteinLLMConfig(PreTrainedConfig):
     def with_projector(self, **overrides) -> ProteinLLMConfig:
         """A copy whose projector config has `overrides` (e.g. token_reduction="mean_pool", pool_stride=2),
         validated like any ProjectorConfig; unknown names are an error naming them."""
-        known = ("projector_type", "token_reduction", "pool_stride", "num_latents", "resampler_heads")
+        known = ("projector_type", "token_reduction", "pool_stride", "num_latents", "resampler_heads",
+                 "summary_token", "output_norm", "output_scale")
         unknown = sorted(set(overrides) - set(known))
         if unknown:
             raise ValueError(f"unknown projector_config fields {unknown}; known: {list(known)}")

@@ -38,6 +38,9 @@ class ProteinLLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.RMSNorm):
+            # The output norm's gain starts at the decoder's token-embedding RMS (ProjectorConfig.output_scale).
+            nn.init.constant_(module.weight, self.config.projector_config.output_scale or 1.0)
 
 
 class ProteinLLM(ProteinLLMPreTrainedModel, GenerationMixin):

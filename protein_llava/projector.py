@@ -61,8 +61,18 @@ class Resampler(nn.Module):
         return latents, torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
 
 
+def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, T, D) features, (N, T) mask → (N, D): the mean over each protein's residues."""
+    weights = mask.to(features.dtype).unsqueeze(-1)
+    return (features * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class ProteinProjector(nn.Module):
-    """Token reduction (none / mean_pool / resampler) followed by the projection to the decoder's width."""
+    """Token reduction (none / mean_pool / resampler) followed by the projection to the decoder's width.
+
+    Optionally a summary token first (the projection of the protein's mean feature, by its own projection)
+    and an RMS norm with a learned gain on every output token (see `ProjectorConfig`).
+    """
 
     def __init__(self, config: ProjectorConfig, encoder_dim: int, text_dim: int):
         super().__init__()
@@ -73,9 +83,15 @@ class ProteinProjector(nn.Module):
             else None
         )
         self.projection = build_projection(config.projector_type, encoder_dim, text_dim)
+        self.summary_projection = (
+            build_projection(config.projector_type, encoder_dim, text_dim) if config.summary_token else None
+        )
+        # eps far below the pre-norm scale: std-0.02 initial weights give tokens of RMS ~1e-3.
+        self.output_norm = nn.RMSNorm(text_dim, eps=1e-10) if config.output_norm == "rms" else None
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, T, D_enc) residue features and mask → (N, T', D_text) protein tokens and their mask."""
+        summary = masked_mean(features, mask) if self.summary_projection is not None else None  # (N, D_enc)
         reduction = self.config.token_reduction
         if reduction == "mean_pool":
             features, mask = strided_mean_pool(features, mask, self.config.pool_stride)
@@ -83,4 +99,13 @@ class ProteinProjector(nn.Module):
             features, mask = self.resampler(features, mask)
         elif reduction != "none":
             raise ValueError(f"unknown token_reduction {reduction!r}")
-        return self.projection(features), mask
+        tokens = self.projection(features)
+        if summary is not None:
+            # The summary token leads each protein's run; valid rows stay left-aligned for the splice.
+            tokens = torch.cat([self.summary_projection(summary).unsqueeze(1), tokens], dim=1)
+            mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        if self.output_norm is not None:
+            # In float32 (the gain's dtype) whatever autocast made of the projection: an exact norm, and
+            # torch's fused kernel needs input and weight of one dtype.
+            tokens = self.output_norm(tokens.to(self.output_norm.weight.dtype))
+        return tokens, mask

@@ -73,7 +73,13 @@ def check_projector_file(path: Path, config) -> None:
             found = metadata.get(key)
             if key == "projector_config" and found is not None:
                 found_cfg, wanted_cfg = ProjectorConfig(**_strip(json.loads(found))), config.projector_config
-                if found_cfg.to_dict() == wanted_cfg.to_dict():
+                found_dict, wanted_dict = found_cfg.to_dict(), wanted_cfg.to_dict()
+                if wanted_dict.get("output_scale") is None:
+                    # output_scale=None is measured from the decoder when the model is built: an initial
+                    # value, not a shape, and the file's learned gain replaces it anyway.
+                    found_dict.pop("output_scale", None)
+                    wanted_dict.pop("output_scale", None)
+                if found_dict == wanted_dict:
                     continue
             raise ValueError(
                 f"the projector at {path} was trained for {key}={found} but this model has {key}={wanted[key]}; "

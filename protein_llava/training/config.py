@@ -145,6 +145,11 @@ class StageSettings:
     """Optimizer steps; trainer.max_steps, when set, wins."""
     max_nonfinite_in_a_row: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    loss_on: str = "caption"
+    """caption: the protein alone as the prompt, loss on its description (LLaVA's stage-1 captioning);
+    sft: the record's own question with the protein, loss on every reply. Where a protein has several
+    records (questions), a caption prompt cannot say which answer is wanted, so the loss is dominated by
+    guessing the question; sft asks it. Checked by the stage's StageSpec."""
 
 
 @dataclass
@@ -188,6 +193,9 @@ class Stage2Settings(StageSettings):
 
     lr: float = 2.0e-4
     max_steps: int = 60
+    loss_on: str = "sft"
+    projector_lr: float | None = None
+    """The projector's own peak learning rate (LLaVA's mm_projector_lr); null: stage2.lr."""
     llm: str = "lora"
     """lora | qlora (LoRA on a bitsandbytes 4-bit NF4 decoder; CPU or GPU) | full | frozen."""
     encoder: str = "frozen"
@@ -210,6 +218,23 @@ class EncoderCacheSettings:
     def __post_init__(self):
         _choice("encoder_cache.dtype", self.dtype, sorted(DTYPES))
         _at_least("encoder_cache.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class DiagnosticsSettings:
+    """Interface diagnostics logged while training (`training/diagnostics.py`): swap-ΔNLL on fixed held-out
+    records, protein- vs text-token RMS, the projector's share of the gradient norm."""
+
+    every: int = 20
+    """Optimizer steps between measurements; 0: off."""
+    num_records: int = 32
+    """Held-out records measured (the first ones that carry a protein)."""
+    path: str | None = None
+    """Their file; null: the demo's held-out file (data.source=demo), else data.val_path, else the training file."""
+
+    def __post_init__(self):
+        _at_least("diagnostics.every", self.every, 0)
+        _at_least("diagnostics.num_records", self.num_records, 2)
 
 
 @dataclass
@@ -246,6 +271,7 @@ class TrainConfig:
     loss_chunk_size: int | None = 1024
     """N: logits and cross-entropy for supervised tokens only, N at a time; null: the decoder's own loss."""
     encoder_cache: EncoderCacheSettings = field(default_factory=EncoderCacheSettings)
+    diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
     callbacks: list[Any] = field(default_factory=list)
     """Extra Lightning callbacks, each {_target_: import.path.Class, ...args} (Hydra's instantiate)."""
     stage1: StageSettings = field(default_factory=StageSettings)

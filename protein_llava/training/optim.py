@@ -17,6 +17,7 @@ class OptimConfig:
         warmup_steps: linear warm-up steps, then cosine decay to 0 at `total_steps` (a run shorter than its
             warm-up simply ends while still warming up).
         betas: AdamW betas. max_nonfinite_in_a_row: stop after this many consecutive skipped steps.
+        projector_lr: the projector's own peak learning rate (None: `lr`), same schedule.
     """
 
     lr: float = 1e-3
@@ -25,10 +26,13 @@ class OptimConfig:
     total_steps: int = 100
     betas: tuple[float, float] = (0.9, 0.999)
     max_nonfinite_in_a_row: int = 5
+    projector_lr: float | None = None
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.projector_lr is not None and self.projector_lr <= 0:
+            raise ValueError(f"projector_lr must be > 0 or null, got {self.projector_lr}")
         if self.total_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.total_steps}")
         if self.warmup_steps < 0:
@@ -37,17 +41,32 @@ class OptimConfig:
             raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {self.max_nonfinite_in_a_row}")
 
 
-def configure_adamw(parameters, config: OptimConfig):
-    """AdamW over the trainable parameters + warm-up/cosine schedule, stepped every optimizer step."""
-    decay, no_decay = [], []
+def configure_adamw(parameters, config: OptimConfig, projector_parameters=()):
+    """AdamW over the trainable parameters + warm-up/cosine schedule, stepped every optimizer step.
+
+    `projector_parameters` (a subset of `parameters`) train at `config.projector_lr` when it is set.
+    """
+    projector_ids = {id(p) for p in projector_parameters} if config.projector_lr is not None else set()
+    decay, no_decay, projector_decay, projector_no_decay = [], [], [], []
     for parameter in parameters:
         if not parameter.requires_grad:
             continue
-        (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    if not decay and not no_decay:
+        if id(parameter) in projector_ids:
+            (projector_no_decay if parameter.ndim < 2 else projector_decay).append(parameter)
+        else:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    if not (decay or no_decay or projector_decay or projector_no_decay):
         raise ValueError("nothing to train: every parameter is frozen")
+    # No weight decay on biases and norms. The first two groups are always there, so optimizer states of
+    # runs without a projector_lr keep their layout (resume).
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if projector_decay or projector_no_decay:
+        groups += [
+            {"params": projector_decay, "weight_decay": config.weight_decay, "lr": config.projector_lr},
+            {"params": projector_no_decay, "weight_decay": 0.0, "lr": config.projector_lr},
+        ]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        groups,
         lr=config.lr,
         betas=config.betas,
     )

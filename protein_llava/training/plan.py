@@ -7,6 +7,8 @@ stage-1 projector's shape, optional packages (flash-attn, bitsandbytes), the res
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +66,10 @@ class TrainPlan:
 
 
 def stage_spec(config: TrainConfig) -> StageSpec:
-    spec = STAGE1 if config.stage == 1 else stage2_spec(config.stage2.llm, config.stage2.encoder)
+    if config.stage == 1:
+        spec = dataclasses.replace(STAGE1, loss_on=config.stage1.loss_on)
+    else:
+        spec = stage2_spec(config.stage2.llm, config.stage2.encoder, loss_on=config.stage2.loss_on)
     spec.check_model(multimodal=not config.model.text_only)
     return spec
 
@@ -78,6 +83,7 @@ def optim_config(config: TrainConfig) -> OptimConfig:
             warmup_steps=settings.warmup_steps,
             total_steps=config.max_steps,
             max_nonfinite_in_a_row=settings.max_nonfinite_in_a_row,
+            projector_lr=getattr(settings, "projector_lr", None),
         )
     except ValueError as error:
         raise ValueError(f"{key}.{error}") from error

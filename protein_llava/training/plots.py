@@ -1,4 +1,5 @@
-"""The loss curve PNG written at the end of each stage, from the CSV logger's metrics."""
+"""The PNGs written at the end of each stage, from the CSV logger's metrics: the loss curve and the
+interface diagnostics (`training/diagnostics.py`)."""
 
 from __future__ import annotations
 
@@ -29,5 +30,48 @@ def plot_loss_curve(metrics_csv: Path, png: Path, title: str = "") -> Path:
     axis.legend()
     figure.tight_layout()
     figure.savefig(png, dpi=120)
+    plt.close(figure)
+    return png
+
+
+def _read_series(metrics_csv: Path, names) -> dict[str, tuple[list[int], list[float]]]:
+    series = {name: ([], []) for name in names}
+    with Path(metrics_csv).open() as handle:
+        for row in csv.DictReader(handle):
+            for name, (steps, values) in series.items():
+                if row.get(name):
+                    steps.append(int(row["step"]))
+                    values.append(float(row[name]))
+    return series
+
+
+def plot_diagnostics(metrics_csv: Path, png: Path, title: str = "") -> Path | None:
+    """Three panels: answer NLL with true vs swapped proteins, protein- vs text-token RMS, the projector's
+    share of the gradient norm. None (nothing written) if the log holds no diagnostics."""
+    panels = (
+        ("answer NLL, held-out (nats/token)", ("diag/nll_true", "diag/nll_swapped")),
+        ("token RMS (per element)", ("diag/protein_token_rms", "diag/text_token_rms")),
+        ("projector share of grad norm", ("diag/grad_share_projector",)),
+    )
+    series = _read_series(metrics_csv, [name for _, names in panels for name in names])
+    if not any(steps for steps, _ in series.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
+    for axis, (label, names) in zip(axes, panels):
+        for name in names:
+            steps, values = series[name]
+            if steps:
+                axis.plot(steps, values, marker=".", label=name.removeprefix("diag/"))
+        axis.set_xlabel("optimizer step")
+        axis.set_title(label, fontsize="medium")
+        axis.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
     plt.close(figure)
     return png

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from ..builders import build_preset, load_decoder
 from ..data.demo import ensure_demo_dataset
+from ..data.records import RecordReport, read_conversations
 from ..data.tokenize import ConversationTokenizer
 from ..loading import DTYPES
 from ..modeling import ProteinLLM
@@ -31,11 +32,37 @@ from .datamodule import SFTDataModule
 from .export import export_run
 from .heldout import HeldOutEvaluation
 from .plan import TrainPlan, resolve_plan
-from .plots import plot_loss_curve
+from .diagnostics import InterfaceDiagnostics
+from .plots import plot_diagnostics, plot_loss_curve
 from .stage import StageModule, apply_stage_spec
 from .summary import DataCounts, DataReport, RunSummary
 
 log = logging.getLogger(__name__)
+
+
+def diagnostics_path(config: TrainConfig) -> str:
+    """The records the interface diagnostics measure (see `DiagnosticsSettings.path`)."""
+    data = config.data
+    if config.diagnostics.path is not None:
+        return config.diagnostics.path
+    if data.source == "demo" and data.path is None:
+        return str(ensure_demo_dataset(data.demo_dir, seed=data.demo_seed, num_train=data.demo_num_train, num_heldout=data.demo_num_heldout)["heldout"])
+    return str(data.val_path or data_paths(config)[0])
+
+
+def build_diagnostics(config: TrainConfig, conversation_tokenizer, pad_token_id: int, processor) -> InterfaceDiagnostics | None:
+    """The interface-diagnostics callback bound to the run's tokenizer, or None when `diagnostics.every=0`."""
+    settings = config.diagnostics
+    if settings.every == 0:
+        return None
+    path, data = diagnostics_path(config), config.data
+    hub = {"name": data.hub_name, "split": data.hub_split} if data.source == "hub" and path == data.path else {}
+    # Read a bounded prefix: a training file can be large, and only records with a protein are measured.
+    conversations = read_conversations(path, RecordReport(), limit=20 * settings.num_records, **hub)
+    conversations = [c for c in conversations if c.proteins][: settings.num_records]
+    callback = InterfaceDiagnostics(conversations, every=settings.every)
+    callback.bind(conversation_tokenizer, pad_token_id, processor)
+    return callback
 
 
 def data_paths(config: TrainConfig) -> tuple[str, str | None]:
@@ -198,6 +225,8 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
     )
     if config.encoder_cache.enabled:
         attach_representation_cache(config, model, datamodule)
+    diagnostics = build_diagnostics(config, conversation_tokenizer, pad_id, processor)
+    callbacks = [*callbacks, diagnostics] if diagnostics is not None else list(callbacks)
     with quiet_lightning():
         trainer = make_trainer(plan, callbacks, validate=val_path is not None)
         try:
@@ -240,4 +269,6 @@ def _write_outputs(plan: TrainPlan, summary: RunSummary, module, processor, toke
     metrics_csv = out / "logs" / "metrics.csv"
     if metrics_csv.is_file():
         plot_loss_curve(metrics_csv, out / "loss.png", title=plan.config.run_name)
+        if plan.config.diagnostics.every:
+            plot_diagnostics(metrics_csv, out / "diagnostics.png", title=plan.config.run_name)
     summary.export = str(export_run(model, processor, tokenizer, out / "export", merge_adapter=plan.config.export.merge_adapter))

@@ -70,9 +70,9 @@ class StageSpec:
 STAGE1 = StageSpec("stage1", encoder="frozen", projector="full", llm="frozen", loss_on="caption")
 
 
-def stage2_spec(llm: str = "lora", encoder: str = "frozen") -> StageSpec:
-    """Stage 2: the projector trains; the decoder and encoder as asked; loss on the replies."""
-    return StageSpec("stage2", encoder=encoder, projector="full", llm=llm, loss_on="sft")
+def stage2_spec(llm: str = "lora", encoder: str = "frozen", loss_on: str = "sft") -> StageSpec:
+    """Stage 2: the projector trains; the decoder and encoder as asked; loss on the replies by default."""
+    return StageSpec("stage2", encoder=encoder, projector="full", llm=llm, loss_on=loss_on)
 
 
 def apply_stage_spec(model: nn.Module, spec: StageSpec, lora: LoraSettings | None = None) -> nn.Module:
@@ -201,7 +201,8 @@ class StageModule(L.LightningModule):
         self.guard.check_gradients(self.model)
 
     def configure_optimizers(self):
-        return configure_adamw(self.model.parameters(), self.optim)
+        projector = self.model.projector.parameters() if isinstance(self.model, ProteinLLM) else ()
+        return configure_adamw(self.model.parameters(), self.optim, projector_parameters=projector)
 
     def on_fit_start(self):
         # Lightning keeps each module's mode as it finds it, and from_pretrained hands over eval-mode
