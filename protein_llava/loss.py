@@ -59,3 +59,31 @@ def chunked_causal_lm_forward(
     inputs.pop("logits_to_keep", None)
     hidden = decoder.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     return CausalLMOutputWithPast(loss=chunked_cross_entropy(hidden, decoder.get_output_embeddings(), labels, chunk_size))
+
+
+def chunked_cross_entropy_per_sample(
+    hidden_states: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row next-token cross-entropy sums and supervised-token counts, (B,) each, a chunk at a time.
+
+    Their totals give `chunked_cross_entropy`: sums.sum() / counts.sum() is the batch's mean loss.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"loss_chunk_size must be >= 1, got {chunk_size}")
+    batch, length, width = hidden_states.shape
+    hidden = hidden_states[:, :-1].reshape(-1, width)
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    rows = torch.arange(batch, device=hidden.device).repeat_interleave(length - 1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets, rows = hidden[keep], targets[keep], rows[keep]
+    sums = hidden_states.new_zeros(batch, dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        losses = checkpoint(_chunk_losses, head, hidden[chunk], targets[chunk], use_reentrant=False)
+        sums = sums.index_add(0, rows[chunk], losses)
+    counts = torch.bincount(rows, minlength=batch).to(sums.dtype)
+    return sums, counts
+
+
+def _chunk_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")

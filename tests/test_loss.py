@@ -59,3 +59,22 @@ def test_no_supervised_tokens_gives_zero_with_a_graph():
     assert loss.item() == 0.0 and loss.requires_grad
     with pytest.raises(ValueError, match="loss_chunk_size must be >= 1, got 0"):
         chunked_cross_entropy(hidden, torch.nn.Linear(8, 10), torch.full((1, 4), -100), chunk_size=0)
+
+
+def test_per_sample_sums_add_up_to_the_batch_mean_and_match_rows_alone():
+    from protein_llava.loss import chunked_cross_entropy_per_sample
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(3, 6, 8)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, :3] = -100
+    labels[2, :] = -100  # a row with nothing supervised
+    sums, counts = chunked_cross_entropy_per_sample(hidden, head, labels, chunk_size=4)
+    assert counts.tolist() == [3, 5, 0] and sums[2] == 0
+    logits = head(hidden)
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(sums.sum() / counts.sum(), full)
+    for row in range(2):
+        alone = torch.nn.functional.cross_entropy(logits[row, :-1], labels[row, 1:], ignore_index=-100, reduction="sum")
+        torch.testing.assert_close(sums[row], alone)

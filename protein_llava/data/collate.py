@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from ..processing import ProteinLLMProcessor
-from .tokenize import IGNORE_INDEX, Example
+from .tokenize import IGNORE_INDEX, Example, with_proteins
+
+SWAPPED_PREFIX = "swapped_"
 
 
 def protein_inputs(proteins: list[str], processor: ProteinLLMProcessor | None, representation_cache=None) -> dict:
@@ -27,13 +29,25 @@ class PaddedCollator:
     with a `representation_cache`, their cached encoder features.
     """
 
-    def __init__(self, pad_token_id: int, processor: ProteinLLMProcessor | None = None, pad_to_multiple_of: int = 8, representation_cache=None):
+    def __init__(self, pad_token_id: int, processor: ProteinLLMProcessor | None = None, pad_to_multiple_of: int = 8,
+                 representation_cache=None, swapped_copy: bool = False):
+        if swapped_copy and processor is None:
+            raise ValueError("swapped_copy needs the processor (it re-expands placeholders for the swapped proteins)")
         self.pad_token_id = pad_token_id
         self.processor = processor
         self.pad_to_multiple_of = pad_to_multiple_of
         self.representation_cache = representation_cache
+        self.swapped_copy = swapped_copy
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        batch = self._collate(examples)
+        if self.swapped_copy:
+            swapped = swap_batch_proteins(examples, self.processor)
+            if swapped is not None:
+                batch.update({SWAPPED_PREFIX + k: v for k, v in self._collate(swapped).items()})
+        return batch
+
+    def _collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         longest = max(len(e.input_ids) for e in examples)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
@@ -49,6 +63,22 @@ class PaddedCollator:
         if proteins:
             batch.update(protein_inputs(proteins, self.processor, self.representation_cache))
         return batch
+
+
+def swap_batch_proteins(examples: Sequence[Example], processor: ProteinLLMProcessor) -> list[Example] | None:
+    """The batch with every protein replaced by the next-longer distinct protein of the same batch (the
+    longest by the shortest), for the swap-contrast loss; None when the batch holds fewer than 2 distinct
+    proteins (no swap can change anything). Examples without proteins stay as they are."""
+    distinct = sorted({p for e in examples for p in e.proteins}, key=lambda p: (len(p), p))
+    if len(distinct) < 2:
+        return None
+    replacement = {protein: distinct[(i + 1) % len(distinct)] for i, protein in enumerate(distinct)}
+    swapped = []
+    for example in examples:
+        proteins = [replacement[p] for p in example.proteins]
+        counts = [processor.num_protein_tokens(len(p)) for p in proteins]
+        swapped.append(with_proteins(example, proteins, counts, processor.protein_token_id))
+    return swapped
 
 
 class PackedCollator:

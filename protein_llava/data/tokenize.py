@@ -9,7 +9,8 @@ all-masked sample).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ..processing import ProteinLLMProcessor
@@ -34,6 +35,32 @@ class Example:
     @property
     def num_supervised(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def with_proteins(example: Example, proteins: Sequence[str], counts: Sequence[int], protein_token_id: int) -> Example:
+    """`example` reading `proteins` instead of its own: each placeholder run resized to the new protein's
+    `counts[i]` tokens (placeholders are never supervised), every other token and label unchanged."""
+    if len(proteins) != len(example.proteins) or len(counts) != len(proteins):
+        raise ValueError(
+            f"{example.record_id}: {len(example.proteins)} proteins, given {len(proteins)} replacements and {len(counts)} counts"
+        )
+    input_ids, labels, position, protein = [], [], 0, 0
+    while position < len(example.input_ids):
+        if example.input_ids[position] == protein_token_id:
+            if protein >= len(counts):
+                raise ValueError(f"{example.record_id}: more placeholder runs than its {len(counts)} proteins")
+            input_ids += [protein_token_id] * counts[protein]
+            labels += [IGNORE_INDEX] * counts[protein]
+            position += example.protein_token_counts[protein]
+            protein += 1
+        else:
+            input_ids.append(example.input_ids[position])
+            labels.append(example.labels[position])
+            position += 1
+    return replace(
+        example, input_ids=tuple(input_ids), labels=tuple(labels), proteins=tuple(proteins),
+        protein_token_counts=tuple(counts), record_id=example.record_id + "/swapped",
+    )
 
 
 def caption_conversation(conversation: Conversation) -> Conversation:

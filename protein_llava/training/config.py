@@ -150,6 +150,16 @@ class StageSettings:
     sft: the record's own question with the protein, loss on every reply. Where a protein has several
     records (questions), a caption prompt cannot say which answer is wanted, so the loss is dominated by
     guessing the question; sft asks it. Checked by the stage's StageSpec."""
+    contrast_weight: float = 0.0
+    """Weight of the swap-contrast loss (multimodal, padded batches): each answer's mean NLL with the
+    record's own protein must sit `contrast_margin` nats below its NLL with another protein of the batch.
+    0: off. Costs a second forward and backward per step."""
+    contrast_margin: float = 1.0
+    """The margin, in nats per answer token."""
+
+    def __post_init__(self):
+        if self.contrast_weight < 0:
+            raise ValueError(f"contrast_weight must be >= 0, got {self.contrast_weight}")
 
 
 @dataclass

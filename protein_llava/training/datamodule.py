@@ -47,6 +47,8 @@ class SFTDataModule(L.LightningDataModule):
         batching: "random", "length_grouped" or "packed" (several samples per row, `pack_length` tokens).
         seed: data order. strict: stop at the first bad record.
         limit: read at most this many usable records (quick runs).
+        swapped_copy: each batch also carries a copy with the proteins swapped (`swapped_*` keys), for
+            the swap-contrast loss.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class SFTDataModule(L.LightningDataModule):
         batching: Batching = "random",
         pack_length: int | None = None,
         representation_cache=None,
+        swapped_copy: bool = False,
     ):
         super().__init__()
         self.train_path, self.val_path = train_path, val_path
@@ -74,9 +77,11 @@ class SFTDataModule(L.LightningDataModule):
         if batching == "packed":
             if pack_length is None:
                 raise ValueError("batching=packed needs pack_length")
+            if swapped_copy:
+                raise ValueError("the swap-contrast loss (a swapped copy of each batch) needs padded batches, not batching=packed")
             self.collator = PackedCollator(pad_token_id, pack_length, processor, representation_cache=representation_cache)
         else:
-            self.collator = PaddedCollator(pad_token_id, processor, representation_cache=representation_cache)
+            self.collator = PaddedCollator(pad_token_id, processor, representation_cache=representation_cache, swapped_copy=swapped_copy)
         self.batch_size, self.seed, self.limit = batch_size, seed, limit
         self.hub_name, self.hub_split = hub_name, hub_split
         self.num_workers = num_workers

@@ -203,7 +203,11 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
     if plan.projector is not None:
         load_projector(model, plan.projector)
     model = apply_stage_spec(model, plan.spec, config.stage2.lora)
-    module = StageModule(model, plan.optim, config.gradient_checkpointing, config.loss_chunk_size)
+    settings = config.stage_settings
+    module = StageModule(
+        model, plan.optim, config.gradient_checkpointing, config.loss_chunk_size,
+        contrast_weight=settings.contrast_weight, contrast_margin=settings.contrast_margin,
+    )
 
     conversation_tokenizer = ConversationTokenizer(processor, config.data.max_length, mode=plan.spec.loss_on, tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -222,6 +226,7 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
         hub_split=data.hub_split,
         batching=data.batching,
         pack_length=data.pack_length,
+        swapped_copy=settings.contrast_weight > 0,
     )
     if config.encoder_cache.enabled:
         attach_representation_cache(config, model, datamodule)

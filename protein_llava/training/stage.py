@@ -15,8 +15,11 @@ import warnings
 from dataclasses import dataclass
 
 import lightning as L
+import torch
 from torch import nn
 
+from ..data.collate import SWAPPED_PREFIX
+from ..loss import chunked_cross_entropy_per_sample
 from ..modeling import ProteinLLM
 from ..quantization import compute_dtype, keep_training_layout
 from .config import LoraSettings
@@ -154,11 +157,15 @@ class StageModule(L.LightningModule):
         loss_chunk_size: None, the decoder's own loss; N, the chunked loss (`protein_llava.loss`).
     """
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, gradient_checkpointing: bool = False, loss_chunk_size: int | None = None):
+    def __init__(self, model: nn.Module, optim: OptimConfig, gradient_checkpointing: bool = False,
+                 loss_chunk_size: int | None = None, contrast_weight: float = 0.0, contrast_margin: float = 1.0):
         super().__init__()
+        if contrast_weight and not isinstance(model, ProteinLLM):
+            raise ValueError("the swap-contrast loss needs a multimodal model; the text-only arm reads no protein features")
         self.model = model
         self.optim = optim
         self.loss_chunk_size = loss_chunk_size
+        self.contrast_weight, self.contrast_margin = contrast_weight, contrast_margin
         if gradient_checkpointing:
             decoder = model.language_model if isinstance(model, ProteinLLM) else model
             decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -169,7 +176,45 @@ class StageModule(L.LightningModule):
         self.guard = NonFiniteGuard(optim.max_nonfinite_in_a_row)
         self._last_loss = None  # a tensor (no device sync per step), for the run's summary
 
-    def loss(self, batch: dict):
+    def loss(self, batch: dict, contrast: bool = True):
+        """The causal-LM loss of `batch`; with `contrast_weight` and a swapped copy in the batch (the
+        collator's `swapped_*` keys), plus the swap-contrast term."""
+        swapped = {k.removeprefix(SWAPPED_PREFIX): v for k, v in batch.items() if k.startswith(SWAPPED_PREFIX)}
+        batch = {k: v for k, v in batch.items() if not k.startswith(SWAPPED_PREFIX)}
+        if contrast and self.contrast_weight and swapped:
+            return self._contrastive_loss(batch, swapped)
+        return self._plain_loss(batch)
+
+    def _per_sample_nll(self, batch: dict):
+        """(sums, counts): each row's summed answer NLL and its supervised tokens."""
+        model = self.model
+        embeds = model.embed_inputs(
+            batch["input_ids"], batch.get("protein_input_ids"), batch.get("protein_representations"),
+            batch.get("protein_representations_mask"),
+        )
+        hidden = model.language_model.get_decoder()(
+            inputs_embeds=embeds, attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
+        head = model.language_model.get_output_embeddings()
+        return chunked_cross_entropy_per_sample(hidden, head, batch["labels"], self.loss_chunk_size or 1024)
+
+    def _contrastive_loss(self, batch: dict, swapped: dict):
+        """Mean answer NLL + contrast_weight × mean over rows with a protein of
+        max(0, margin − (NLL with a swapped protein − NLL with its own)), per-row mean NLLs (mDPO's
+        conditional term): the answer must be likelier with the record's own protein than with another's."""
+        sums, counts = self._per_sample_nll(batch)
+        swapped_sums, swapped_counts = self._per_sample_nll(swapped)
+        loss = sums.sum() / counts.sum().clamp(min=1)
+        has_protein = (batch["input_ids"] == self.model.config.protein_token_id).any(1) & (counts > 0)
+        gap = swapped_sums / swapped_counts.clamp(min=1) - sums / counts.clamp(min=1)
+        violation = torch.relu(self.contrast_margin - gap[has_protein]).mean() if has_protein.any() else loss * 0.0
+        size = batch["input_ids"].shape[0]
+        self.log("train/nll", loss.detach(), batch_size=size)
+        self.log("train/swap_gap", gap[has_protein].detach().mean() if has_protein.any() else 0.0, batch_size=size)
+        return loss + self.contrast_weight * violation
+
+    def _plain_loss(self, batch: dict):
         if self.loss_chunk_size is None:
             return self.model(**batch, use_cache=False).loss
         if isinstance(self.model, ProteinLLM):
@@ -194,7 +239,7 @@ class StageModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self.loss(batch)
+        loss = self.loss(batch, contrast=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_before_optimizer_step(self, optimizer):
