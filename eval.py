@@ -14,7 +14,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from protein_llava.evaluation import EvalConfig, check_model_source, run_evaluation
-from protein_llava.evaluation.config import ABLATED_SUFFIX, RETRIEVAL_ARM, register_configs
+from protein_llava.evaluation.config import ABLATED_SUFFIX, PROBE_ARM, RETRIEVAL_ARM, register_configs
+from protein_llava.evaluation.runner import check_probe_model
 
 register_configs()
 
@@ -36,16 +37,21 @@ def main(cfg: DictConfig) -> None:
     try:
         for name, source in config.arm_sources().items():
             check_model_source(source, name)
+        check_probe_model(config)
+    except (FileNotFoundError, ValueError) as error:
+        # A missing model, or a text-only model asked for the probe arm: one line naming it, not a traceback.
+        sys.exit(f"eval.py: {error}")
+    try:
         report = run_evaluation(config)
     except FileNotFoundError as error:
-        # A missing model or data path: one line naming it, not a traceback.
+        # A missing data path: one line naming it, not a traceback.
         sys.exit(f"eval.py: {error}")
     arms = report["arms"]
     for name, arm in arms.items():
         if name.endswith(ABLATED_SUFFIX):
             continue
         ablated = arms.get(name + ABLATED_SUFFIX)
-        kind = "multimodal" if arm["multimodal"] else ("retrieval" if name == RETRIEVAL_ARM else "text-only")
+        kind = "multimodal" if arm["multimodal"] else {RETRIEVAL_ARM: "retrieval", PROBE_ARM: "linear probe"}.get(name, "text-only")
         line = (
             f"{name} ({kind}): accuracy {_percent(arm['accuracy'])} (95% CI {_interval(arm['ci95'])}), "
             f"{arm['n_scored']} scored, {arm['n_flagged']} flagged, {arm['n_unparseable']} unparseable"

@@ -105,7 +105,7 @@ def main() -> int:
     predictions = {}
     for line in (args.out / "eval" / "predictions.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if row["arm"] == "model":  # the file also holds the retrieval arm's rows
+        if row["arm"] == "model":  # the file also holds the retrieval and probe arms' rows
             predictions[row["item_id"]] = row
 
     items, texts, add_bos = prompts_of(args)

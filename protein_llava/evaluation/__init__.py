@@ -2,7 +2,9 @@
 
 `run_evaluation(EvalConfig(...))` is the whole run (eval.py is its Hydra entry). The pieces:
 benchmarks (items and flagged entries), arms (a loaded model and how it reads prompts), scoring (loglik
-fast path, per-option reference, generation), statistics (bootstrap interval, exact McNemar), report.
+fast path, per-option reference, generation), two reference arms without training (retrieval: the nearest
+training protein; probe: a logistic regression on the model's frozen encoder features), statistics
+(bootstrap interval, exact McNemar), report.
 """
 
 from .arms import SMOLLM2, Arm, check_model_source, load_arm

@@ -251,7 +251,9 @@ def training_sequences(paths: Sequence[str]) -> set[str]:
 
 
 @dataclass(frozen=True)
-class _Record:
+class SFTRecord:
+    """A flat SFT record as the sequence-grounded items (and the probe arm's training labels) read it."""
+
     item_id: str
     instruction: str
     prompt: str
@@ -260,7 +262,10 @@ class _Record:
     subset: str
 
 
-def _read_sft_record(raw, item_id: str) -> _Record:
+def read_sft_record(raw, item_id: str) -> SFTRecord:
+    """A flat {"instruction", "input", "output"} record with at least one protein; `ItemError` otherwise.
+
+    `output` is the reply with its whitespace normalised, as the items write their options."""
     try:
         conversation = parse_record(raw, item_id)
     except RecordError as error:
@@ -274,7 +279,7 @@ def _read_sft_record(raw, item_id: str) -> _Record:
     subset = raw.get("subset", "")
     if not isinstance(subset, str):
         raise ItemError("wrong_type", f"field 'subset' must be a string, got {type(subset).__name__}")
-    return _Record(item_id, raw["instruction"].strip(), user.strip(), " ".join(assistant.split()), proteins, subset)
+    return SFTRecord(item_id, raw["instruction"].strip(), user.strip(), " ".join(assistant.split()), proteins, subset)
 
 
 def build_sequence_grounded(
@@ -297,18 +302,18 @@ def build_sequence_grounded(
         raise FileNotFoundError(f"benchmark file {source} does not exist")
     seen = training_sequences(train_paths)
     benchmark = Benchmark("sequence_grounded", source)
-    records: list[_Record | FlaggedItem] = []
+    records: list[SFTRecord | FlaggedItem] = []
     for item_id, raw in iter_raw_records(source):
         try:
             if isinstance(raw, RecordError):
                 raise ItemError(raw.reason, str(raw))
-            records.append(_read_sft_record(raw, item_id))
+            records.append(read_sft_record(raw, item_id))
         except ItemError as error:
             records.append(FlaggedItem(item_id, error.reason, str(error)))
     # Distractor pools come from the whole file, before `limit`, so limiting does not change items.
     pools: dict[str, list[str]] = {}
     for record in records:
-        if isinstance(record, _Record):
+        if isinstance(record, SFTRecord):
             pools.setdefault(record.instruction, []).append(record.output)
     pools = {instruction: sorted(set(outputs)) for instruction, outputs in pools.items()}
     for record in records[:limit]:
@@ -398,6 +403,7 @@ __all__ = [
     "BenchmarkItem",
     "FlaggedItem",
     "ItemError",
+    "SFTRecord",
     "build_sequence_grounded",
     "cyclic_shift",
     "first_integer",
@@ -406,5 +412,6 @@ __all__ = [
     "option_text",
     "parse_proteinlmbench_item",
     "prediction_record",
+    "read_sft_record",
     "training_sequences",
 ]

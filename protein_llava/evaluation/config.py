@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 BENCHMARK_NAMES = ("proteinlmbench", "sequence_grounded")
 MODES = ("loglik", "generate", "description")
 ABLATIONS = ("none", "shuffle")
-MODEL_ARM, BASELINE_ARM, RETRIEVAL_ARM = "model", "baseline", "retrieval"
+MODEL_ARM, BASELINE_ARM, RETRIEVAL_ARM, PROBE_ARM = "model", "baseline", "retrieval", "probe"
 ABLATED_SUFFIX = "_ablated"
 DEMO_MODEL = "checkpoints/smollm2-demo-stage2/export"
 DEMO_BASELINE = "checkpoints/text-only-stage2/export"
@@ -54,6 +54,10 @@ class BenchmarkConfig:
     protein nearest by alignment identity (see protein_llava.evaluation.retrieval); needs `train_paths`."""
     retrieval_candidates: int | None = 50
     """Training proteins aligned per item (and per option) after the 3-mer prefilter; null: all of them."""
+    probe: bool = False
+    """sequence_grounded: also score a probe arm, a logistic regression per question type on the model's own
+    frozen encoder features (mean-pooled), fit on the training records (see protein_llava.evaluation.probe);
+    needs `train_paths` and a multimodal model."""
     default_mode: str = "loglik"
     """The scoring this benchmark is meant for (eval.yaml's `mode` defaults to it): ProteinLMBench asks for
     option numbers (loglik); SFT-derived items score each option's text as the reply (description)."""
@@ -70,6 +74,8 @@ class BenchmarkConfig:
         self.train_paths = [str(p) for p in self.train_paths or []]
         if self.retrieval and (self.name != "sequence_grounded" or not self.train_paths):
             raise ValueError("benchmark.retrieval=true needs benchmark.name=sequence_grounded and benchmark.train_paths")
+        if self.probe and (self.name != "sequence_grounded" or not self.train_paths):
+            raise ValueError("benchmark.probe=true needs benchmark.name=sequence_grounded and benchmark.train_paths")
         if self.retrieval_candidates is not None and self.retrieval_candidates < 1:
             raise ValueError(f"benchmark.retrieval_candidates must be >= 1 or null, got {self.retrieval_candidates}")
         if self.default_ablation not in ABLATIONS:
@@ -201,6 +207,7 @@ __all__ = [
     "BENCHMARK_NAMES",
     "MODEL_ARM",
     "MODES",
+    "PROBE_ARM",
     "RETRIEVAL_ARM",
     "BenchmarkConfig",
     "EvalConfig",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..loading import is_protein_llm_folder
 from .arms import Arm, check_model_source, load_arm
 from .benchmarks import (
     ANSWER_ANCHOR,
@@ -22,7 +23,8 @@ from .benchmarks import (
     option_text,
     prediction_record,
 )
-from .config import ABLATED_SUFFIX, RETRIEVAL_ARM, BenchmarkConfig, EvalConfig
+from .config import ABLATED_SUFFIX, MODEL_ARM, PROBE_ARM, RETRIEVAL_ARM, BenchmarkConfig, EvalConfig
+from .probe import PROBE_C, LinearProbe, load_labelled_proteins
 from .report import build_report, write_report
 from .retrieval import load_training_proteins, retrieval_predictions
 from .scoring import generate_answers, option_probabilities, score_continuations, score_options
@@ -128,22 +130,49 @@ def _permutation_probabilities(
     return [[p / items[index].num_options for p in probabilities] for index, probabilities in enumerate(totals)]
 
 
+def check_probe_model(config: EvalConfig) -> None:
+    """The probe arm reads the model's own encoder: fail before anything loads if `config.model` has none."""
+    if config.benchmark.probe and not is_protein_llm_folder(config.model):
+        raise ValueError(
+            f"benchmark.probe=true fits its classifiers on the model's own protein encoder, but model={config.model} "
+            "is a text-only model; give a ProteinLLM folder or set benchmark.probe=false"
+        )
+
+
+def probe_results(arm: Arm, item_sets: dict[str, list[BenchmarkItem]], config: EvalConfig) -> list[ArmResult]:
+    """The probe arm on every item set: fit once on the training records with `arm`'s encoder features."""
+    encoder = arm.model.protein_encoder
+    probe = LinearProbe.fit(encoder, load_labelled_proteins(config.benchmark.train_paths))
+    source = (
+        f"logistic regression (C={PROBE_C}) per question type on {arm.source}'s frozen encoder, layer "
+        f"{encoder.repr_layer} mean-pooled; {probe.num_training} training records"
+    )
+    return [
+        ArmResult(PROBE_ARM + suffix, source, multimodal=False, predictions=probe.predictions(items))
+        for suffix, items in item_sets.items()
+    ]
+
+
 def run_evaluation(config: EvalConfig) -> dict:
     """Evaluate every arm of `config` on the same items; write and return the report.
 
-    Model sources are checked before the benchmark or any model loads; arms load one at a time.
+    Model sources are checked before the benchmark or any model loads; arms load one at a time. The probe
+    arm is fit while the model is loaded (it reads the model's encoder) and reported after retrieval.
     """
     for name, source in config.arm_sources().items():
         check_model_source(source, name)
+    check_probe_model(config)
     benchmark = load_benchmark(config.benchmark, config.limit)
     item_sets = {"": benchmark.items}
     if config.ablation == "shuffle":
         item_sets[ABLATED_SUFFIX] = ablate_proteins(benchmark.items, seed=config.seed)
-    results = []
+    results, probed = [], []
     for name, source in config.arm_sources().items():
         arm = load_arm(name, source, config.dtype, config.device, config.attn_implementation)
         for suffix, items in item_sets.items():
             results.append(evaluate_arm(arm, items, config, name=name + suffix))
+        if name == MODEL_ARM and config.benchmark.probe:
+            probed = probe_results(arm, item_sets, config)
         del arm
         gc.collect()
         if torch.cuda.is_available():
@@ -154,9 +183,18 @@ def run_evaluation(config: EvalConfig) -> dict:
         for suffix, items in item_sets.items():
             predictions = retrieval_predictions(items, training, candidates=config.benchmark.retrieval_candidates)
             results.append(ArmResult(RETRIEVAL_ARM + suffix, source, multimodal=False, predictions=predictions))
+    results += probed
     report, predictions, flagged = build_report(benchmark, results, config)
     write_report(report, predictions, flagged, config.out)
     return report
 
 
-__all__ = ["ArmResult", "evaluate_arm", "item_prompt", "load_benchmark", "run_evaluation"]
+__all__ = [
+    "ArmResult",
+    "check_probe_model",
+    "evaluate_arm",
+    "item_prompt",
+    "load_benchmark",
+    "probe_results",
+    "run_evaluation",
+]

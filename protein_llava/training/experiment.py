@@ -4,8 +4,10 @@ One seed per run (`python experiment.py --seed N`, `make experiment SEED=N`):
 
 1. The demo set for that seed (`data.demo`): proteins whose answers can only be read off the sequence,
    four question types, held-out proteins disjoint from training.
-2. A retrieval arm (no training): each item answered with the descriptions of the training protein nearest
-   by alignment identity; each item's highest identity to any training protein is recorded (leakage).
+2. Two arms without training: retrieval (each item answered with the descriptions of the training protein
+   nearest by alignment identity; each item's highest identity to any training protein is recorded, for
+   leakage) and a linear probe (`evaluation.probe`: per question type, a logistic regression on the
+   multimodal arm's frozen encoder features, mean-pooled; what a linear read-out of the encoder answers).
 3. The multimodal arm: stage 1 (projector alignment) then stage 2 (projector + LoRA), and the text-only arm
    (the same decoder, LoRA, the same records with sequences inline as text) for the same number of
    optimizer steps and the same batch size. Held-out accuracy is scored at fixed steps while they train.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from ..data.demo import QUESTION_TYPES, ensure_demo_dataset
 from ..evaluation.benchmarks import ablate_proteins, build_sequence_grounded
+from ..evaluation.probe import LinearProbe, load_labelled_proteins
 from ..evaluation.report import ALL_TYPES, accuracy_by_type
 from ..evaluation.retrieval import load_training_proteins, retrieval_predictions, summarise_identity
 from .heldout import HeldOutEvaluation
@@ -46,7 +49,7 @@ class ExperimentConfig:
         stage1_steps / stage2_steps: the multimodal arm's optimizer steps per stage; the text-only arm
             trains stage1_steps + stage2_steps steps of stage 2.
         eval_every: held-out accuracy every N steps (and at step 0 and the last step).
-        arms: which trained arms to run (see `ARMS`); the retrieval arm always runs.
+        arms: which trained arms to run (see `ARMS`); the retrieval and probe arms always run.
         train_overrides: extra Hydra overrides for every training run (e.g. "data.batch_size=8").
     """
 
@@ -104,18 +107,36 @@ def _train(config: ExperimentConfig, overrides: list[str], callback: HeldOutEval
     run.final_predictions.update(callback.final_predictions)
 
 
-def run_arm(arm: str, config: ExperimentConfig, items, ablated) -> ArmRun:
-    """Train `arm` (see `ARMS`) on the seed's demo data, scoring `items` along the way."""
-    out = Path(config.out)
-    common = [
+def common_overrides(config: ExperimentConfig) -> list[str]:
+    """The Hydra overrides every training run of the experiment shares (seed, data, the user's overrides)."""
+    return [
         f"seed={config.seed}",
-        f"checkpoints_dir={out}",
+        f"checkpoints_dir={config.out}",
         f"data.demo_seed={config.seed}",
         f"data.demo_num_train={config.num_train}",
         f"data.demo_num_heldout={config.num_heldout}",  # the same files as the benchmark's, never rewritten
         "checkpoint_every=1000000",  # the experiment never resumes; skip writing Lightning checkpoints
         *config.train_overrides,
     ]
+
+
+def multimodal_encoder(config: ExperimentConfig):
+    """The frozen encoder the multimodal arm reads through, for the probe arm: the model `train()` builds for
+    the arm's stage 1 (same overrides, so the same preset, weights and seed: `build_preset` seeds torch with
+    `seed` right before the model, so the random-init encoder is bit-identical), its decoder dropped."""
+    from .config import compose_train_config
+    from .plan import resolve_plan
+    from .run import build_model
+
+    overrides = [*common_overrides(config), "stage=1", f"out={Path(config.out) / 'multimodal' / 'stage1'}"]
+    model, _, _ = build_model(resolve_plan(compose_train_config(overrides, config.train_config_dir)))
+    return model.protein_encoder
+
+
+def run_arm(arm: str, config: ExperimentConfig, items, ablated) -> ArmRun:
+    """Train `arm` (see `ARMS`) on the seed's demo data, scoring `items` along the way."""
+    out = Path(config.out)
+    common = common_overrides(config)
     steps = eval_steps(config.total_steps, config.eval_every)
     run = ArmRun()
     if arm == "text_only":
@@ -176,6 +197,10 @@ def run_experiment(config: ExperimentConfig) -> dict:
     retrieval = {suffix: retrieval_predictions(chosen, training) for suffix, chosen in (("", items), (ABLATED, ablated))}
     for suffix, chosen in (("", items), (ABLATED, ablated)):
         arms["retrieval" + suffix] = accuracy_by_type(chosen, retrieval[suffix], seed=config.seed)
+    probe = LinearProbe.fit(multimodal_encoder(config), load_labelled_proteins([str(paths["train"])]))
+    for suffix, chosen in (("", items), (ABLATED, ablated)):
+        arms["probe" + suffix] = accuracy_by_type(chosen, probe.predictions(chosen), seed=config.seed)
+    del probe
     wall = {}
     for arm in config.arms:
         run = run_arm(arm, config, items, ablated)
@@ -258,9 +283,10 @@ def plot_curves(results: dict, path: Path) -> None:
             ablated = results["arms"].get(arm + ABLATED)
             if ablated and steps:
                 axis.plot([steps[-1]], [100 * ablated[kind]["accuracy"]], marker="x", color=line.get_color(), markersize=9)
-        retrieval = results["arms"].get("retrieval")
-        if retrieval:
-            axis.axhline(100 * retrieval[kind]["accuracy"], color="black", linestyle=":", linewidth=1, label="retrieval")
+        for name, style in (("retrieval", ":"), ("probe", "-.")):
+            untrained = results["arms"].get(name)
+            if untrained:
+                axis.axhline(100 * untrained[kind]["accuracy"], color="black", linestyle=style, linewidth=1, label=name)
         chance = next(iter(results["arms"].values()))[kind]["chance"]
         axis.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
         axis.set_title(kind)
@@ -283,13 +309,14 @@ def summarize_seeds(root: Path) -> dict | None:
     summary = {"seeds": [run["seed"] for run in runs], "arms": {}}
     for arm in arms:
         summary["arms"][arm] = {}
+        having = [run for run in runs if arm in run["arms"]]  # seeds run before an arm existed lack it
         for kind in types:
-            values = [run["arms"][arm][kind]["accuracy"] for run in runs if arm in run["arms"]]
+            values = [run["arms"][arm][kind]["accuracy"] for run in having]
             summary["arms"][arm][kind] = {
                 "mean_accuracy": sum(values) / len(values),
                 "per_seed": values,
-                "ci95_per_seed": [run["arms"][arm][kind]["ci95"] for run in runs if arm in run["arms"]],
-                "n_per_seed": runs[0]["arms"][arm][kind]["n"],
+                "ci95_per_seed": [run["arms"][arm][kind]["ci95"] for run in having],
+                "n_per_seed": having[0]["arms"][arm][kind]["n"],
             }
     summary["chance"] = {kind: runs[0]["arms"][arms[0]][kind]["chance"] for kind in types}
     summary["wall_minutes_per_seed"] = [round(run["wall_seconds"]["total"] / 60, 1) for run in runs]
@@ -313,4 +340,14 @@ def summarize_seeds(root: Path) -> dict | None:
     return summary
 
 
-__all__ = ["ARMS", "ExperimentConfig", "eval_steps", "render_results", "run_arm", "run_experiment", "summarize_seeds"]
+__all__ = [
+    "ARMS",
+    "ExperimentConfig",
+    "common_overrides",
+    "eval_steps",
+    "multimodal_encoder",
+    "render_results",
+    "run_arm",
+    "run_experiment",
+    "summarize_seeds",
+]

@@ -44,7 +44,8 @@ def test_defaults_are_the_demo():
     config = compose_config()
     # The demo scores what SFT trained (each option's text as the reply), with the protein-ablation control.
     assert (config.model, config.baseline, config.mode, config.prompt_format) == (DEMO_MODEL, DEMO_BASELINE, "description", "raw")
-    assert (config.ablation, config.benchmark.retrieval) == ("shuffle", True)
+    assert (config.ablation, config.benchmark.retrieval, config.benchmark.probe) == ("shuffle", True, True)
+    assert compose_config("benchmark=scl2205").benchmark.probe and not compose_config("benchmark=proteinlmbench").benchmark.probe
     assert compose_config("benchmark=proteinlmbench").mode == "loglik"
     assert compose_config("benchmark=proteinlmbench").ablation == "none"
     assert (config.benchmark.name, config.benchmark.path, config.benchmark.train_paths) == (
@@ -103,3 +104,30 @@ def test_missing_model_is_one_clear_error(tmp_path):
     assert result.returncode == 1
     assert f"eval.py: model folder {DEMO_MODEL} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def demo_benchmark(folder: Path) -> list[str]:
+    from protein_llava.data.demo import write_demo_dataset
+
+    paths = write_demo_dataset(folder, num_train=40, num_heldout=8, seed=0)
+    return [f"benchmark.path={paths['heldout']}", f"benchmark.train_paths=[{paths['train']}]"]
+
+
+@pytest.mark.slow
+def test_eval_sequence_grounded_prints_the_probe_beside_its_ablation(tmp_path, tiny_folder):
+    data = demo_benchmark(tmp_path / "demo")
+    result = run_eval(*data, f"model={tiny_folder}", "baseline=null", "limit=8", f"out={tmp_path / 'out'}", "bootstrap_samples=50")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads((tmp_path / "out" / "report.json").read_text())["arms"]) == {
+        f"{arm}{suffix}" for arm in ("model", "retrieval", "probe") for suffix in ("", "_ablated")
+    }
+    assert "probe (linear probe): accuracy" in result.stdout and "; protein-ablated" in result.stdout.split("probe (linear probe)")[1]
+
+
+@pytest.mark.slow
+def test_probe_with_a_text_only_model_is_one_clear_error(tmp_path):
+    # A text-only model has no encoder for the probe: one line naming the key, before anything loads.
+    text_only = run_eval(*demo_benchmark(tmp_path / "demo"), "model=smollm2", "baseline=null", f"out={tmp_path / 'text'}")
+    assert text_only.returncode == 1 and "Traceback" not in text_only.stderr
+    assert "eval.py: benchmark.probe=true fits its classifiers on the model's own protein encoder" in text_only.stderr
+    assert not (tmp_path / "text").exists()

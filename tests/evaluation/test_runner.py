@@ -128,18 +128,21 @@ def test_missing_model_fails_before_loading(folders, bench_file, tmp_path):
     assert not (tmp_path / "report.json").exists()
 
 
-def test_sequence_grounded_run_has_retrieval_ablated_arms_and_question_types(folders, tmp_path):
+def test_sequence_grounded_run_has_retrieval_probe_ablated_arms_and_question_types(folders, tmp_path):
     from protein_llava.data.demo import QUESTION_TYPES, write_demo_dataset
 
     paths = write_demo_dataset(tmp_path / "demo", num_train=40, num_heldout=12, seed=0)
     benchmark = BenchmarkConfig(
-        name="sequence_grounded", path=str(paths["heldout"]), train_paths=[str(paths["train"])], retrieval=True
+        name="sequence_grounded", path=str(paths["heldout"]), train_paths=[str(paths["train"])], retrieval=True, probe=True
     )
     report = run_evaluation(
         config(folders, "unused.json", tmp_path / "out", benchmark=benchmark, mode="description", ablation="shuffle", limit=24)
     )
     arms = report["arms"]
-    assert list(arms) == ["model", "model_ablated", "baseline", "baseline_ablated", "retrieval", "retrieval_ablated"]
+    assert list(arms) == [
+        "model", "model_ablated", "baseline", "baseline_ablated", "retrieval", "retrieval_ablated", "probe", "probe_ablated",
+    ]
+    assert f"on {folders['model']}'s frozen encoder, layer 2 mean-pooled; 160 training records" in arms["probe"]["source"]
     n = report["benchmark"]["n_scored"]
     assert n + report["benchmark"]["n_flagged"] == 24
     for name, arm in arms.items():
@@ -152,7 +155,24 @@ def test_sequence_grounded_run_has_retrieval_ablated_arms_and_question_types(fol
     predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     retrieval = [p for p in predictions if p["arm"] == "retrieval"]
     assert len(retrieval) == n and all(0.0 <= p["max_identity"] <= 1.0 for p in retrieval)
-    assert "## By question type" in (tmp_path / "out" / "report.md").read_text()
+    probe = [p for p in predictions if p["arm"] == "probe_ablated"]
+    assert len(probe) == n and all(len(p["scores"]) == p["num_options"] for p in probe)
+    report_md = (tmp_path / "out" / "report.md").read_text()
+    assert "## By question type" in report_md and "| probe_ablated |" in report_md
+
+
+def test_probe_needs_a_multimodal_model_and_training_files(folders, tmp_path):
+    from protein_llava.evaluation.runner import check_probe_model
+
+    benchmark = BenchmarkConfig(name="sequence_grounded", path="held.jsonl", train_paths=["train.jsonl"], probe=True)
+    text_only = config(folders, "unused.json", tmp_path, model=folders["baseline"], baseline=None, benchmark=benchmark)
+    with pytest.raises(ValueError, match="probe=true .* is a text-only model"):
+        run_evaluation(text_only)  # before the benchmark (whose files do not exist) is read
+    check_probe_model(config(folders, "unused.json", tmp_path, benchmark=benchmark))  # a ProteinLLM folder passes
+    with pytest.raises(ValueError, match="probe=true needs"):
+        BenchmarkConfig(name="sequence_grounded", path="x.jsonl", probe=True)
+    with pytest.raises(ValueError, match="probe=true needs"):
+        BenchmarkConfig(name="proteinlmbench", path="x.json", train_paths=["t.jsonl"], probe=True)
 
 
 def test_ablation_needs_items_with_proteins():

@@ -7,9 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from protein_llava.data.demo import QUESTION_TYPES
-from protein_llava.training.experiment import ExperimentConfig, eval_steps, run_experiment, summarize_seeds
+from protein_llava.training.experiment import (
+    ExperimentConfig,
+    eval_steps,
+    multimodal_encoder,
+    run_experiment,
+    summarize_seeds,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "train"
@@ -47,7 +55,8 @@ def tiny_experiment(tmp_path_factory):
 def test_results_are_keyed_by_arm_and_question_type(tiny_experiment):
     out, results = tiny_experiment
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    expected = {f"{arm}{suffix}" for arm in ("multimodal", "text_only", "multimodal_encoder_lora", "retrieval") for suffix in ("", "_ablated")}
+    trained = ("multimodal", "text_only", "multimodal_encoder_lora")
+    expected = {f"{arm}{suffix}" for arm in (*trained, "retrieval", "probe") for suffix in ("", "_ablated")}
     assert set(results["arms"]) == expected
     types = results["question_types"]
     assert set(types) <= set(QUESTION_TYPES) and "function" in types
@@ -73,7 +82,7 @@ def test_held_out_accuracy_is_recorded_at_fixed_steps_on_one_axis(tiny_experimen
 def test_report_curves_and_summary_are_written(tiny_experiment):
     out, results = tiny_experiment
     report = (out / "report.md").read_text()
-    assert "| multimodal_ablated |" in report and "| retrieval |" in report
+    assert "| multimodal_ablated |" in report and "| retrieval |" in report and "| probe_ablated |" in report
     assert (out / "curves.png").stat().st_size > 10_000
     summary = json.loads((out.parent / "summary.json").read_text())
     assert summary["seeds"] == [3]
@@ -81,22 +90,42 @@ def test_report_curves_and_summary_are_written(tiny_experiment):
     assert entry["per_seed"] == [results["arms"]["multimodal"]["function"]["accuracy"]] and entry["mean_accuracy"] == entry["per_seed"][0]
 
 
+def test_probe_encoder_is_the_multimodal_arms_frozen_encoder(tiny_experiment):
+    """The probe's encoder, built as training builds the arm, equals bit for bit the encoder the multimodal arm
+    exported after stage 2 (frozen), and differs from the encoder-LoRA arm's (trained), so the check can fail."""
+    out, results = tiny_experiment
+    config = ExperimentConfig(**{**results["settings"], "train_config_dir": str(CONFIG_DIR)})
+    encoder = multimodal_encoder(config).state_dict()
+
+    def exported(arm: str) -> dict[str, torch.Tensor]:
+        tensors = load_file(out / arm / "stage2" / "export" / "model.safetensors")
+        return {k.removeprefix("protein_encoder."): v for k, v in tensors.items() if k.startswith("protein_encoder.")}
+
+    frozen = exported("multimodal")
+    shared = sorted(set(encoder) & set(frozen))
+    assert len(shared) > 20 and all(k.startswith("esm.") for k in shared)
+    assert all(torch.equal(encoder[k], frozen[k]) for k in shared)
+    trained = exported("multimodal_encoder_lora")
+    assert not all(torch.equal(encoder[k], trained[k]) for k in shared)
+
+
 def test_summary_averages_the_seeds(tmp_path):
-    def write(seed: int, accuracy: float):
+    def write(seed: int, accuracy: float, arms=("multimodal",)):
         entry = {"accuracy": accuracy, "ci95": [accuracy - 0.1, accuracy + 0.1], "n": 10, "chance": 0.25}
         results = {
             "seed": seed,
             "question_types": ["function"],
-            "arms": {"multimodal": {"all": entry, "function": entry}},
+            "arms": {arm: {"all": entry, "function": entry} for arm in arms},
             "wall_seconds": {"total": 60.0 * (seed + 1)},
         }
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(results))
 
     write(0, 0.5)
-    write(1, 0.7)
+    write(1, 0.7, arms=("multimodal", "probe"))  # a seed run after the probe arm was added
     summary = summarize_seeds(tmp_path)
     assert summary["seeds"] == [0, 1]
     assert summary["arms"]["multimodal"]["function"]["mean_accuracy"] == pytest.approx(0.6)
+    assert summary["arms"]["probe"]["function"]["per_seed"] == [0.7] and summary["arms"]["probe"]["function"]["n_per_seed"] == 10
     assert summary["wall_minutes_per_seed"] == [1.0, 2.0]
     assert "60.0% (50.0, 70.0)" in (tmp_path / "summary.md").read_text()
