@@ -23,7 +23,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
-TOKEN_REDUCTIONS = ("none", "mean_pool", "resampler")
+TOKEN_REDUCTIONS = ("none", "mean_pool", "resampler", "mean")
 OUTPUT_NORMS = ("none", "rms")
 PRESETS_DIR = Path(__file__).with_name("presets")
 DECODER_SOURCES = ("random", "smollm2", "folder")
@@ -88,7 +88,8 @@ class ProjectorConfig(PreTrainedConfig):
     Fields:
         projector_type: "linear" or "mlp2x_gelu" (LLaVA-1.5's linear → GELU → linear).
         token_reduction: "none" (one token per residue), "mean_pool" (strided mean over
-            `pool_stride` residues) or "resampler" (`num_latents` learned queries cross-attend to the residues).
+            `pool_stride` residues), "resampler" (`num_latents` learned queries cross-attend to the residues)
+            or "mean" (one token per protein: the mean over its residues).
         pool_stride: residues per token for "mean_pool".
         num_latents: tokens per protein for "resampler", whatever its length.
         resampler_heads: attention heads of the resampler's cross-attention.
@@ -107,7 +108,7 @@ class ProjectorConfig(PreTrainedConfig):
     base_config_key = "projector_config"
 
     projector_type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
-    token_reduction: Literal["none", "mean_pool", "resampler"] = "none"
+    token_reduction: Literal["none", "mean_pool", "resampler", "mean"] = "none"
     pool_stride: int = 4
     num_latents: int = 32
     resampler_heads: int = 4
@@ -148,6 +149,8 @@ def num_protein_tokens(length: int, projector_config: ProjectorConfig) -> int:
         return summary + math.ceil(length / projector_config.pool_stride)
     if reduction == "resampler":
         return summary + projector_config.num_latents
+    if reduction == "mean":
+        return summary + 1
     raise ValueError(f"unknown token_reduction {reduction!r}")
 
 

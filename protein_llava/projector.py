@@ -97,6 +97,8 @@ class ProteinProjector(nn.Module):
             features, mask = strided_mean_pool(features, mask, self.config.pool_stride)
         elif reduction == "resampler":
             features, mask = self.resampler(features, mask)
+        elif reduction == "mean":
+            features, mask = masked_mean(features, mask).unsqueeze(1), mask.new_ones(mask.shape[0], 1)
         elif reduction != "none":
             raise ValueError(f"unknown token_reduction {reduction!r}")
         tokens = self.projection(features)

@@ -33,7 +33,7 @@ def test_strided_mean_pool_against_a_loop():
 @settings(max_examples=25, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 40), min_size=1, max_size=4),
-    reduction=st.sampled_from(["none", "mean_pool", "resampler"]),
+    reduction=st.sampled_from(["none", "mean_pool", "resampler", "mean"]),
     stride=st.integers(1, 6),
     summary_token=st.booleans(),
 )

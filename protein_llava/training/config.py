@@ -151,15 +151,22 @@ class StageSettings:
     records (questions), a caption prompt cannot say which answer is wanted, so the loss is dominated by
     guessing the question; sft asks it. Checked by the stage's StageSpec."""
     contrast_weight: float = 0.0
-    """Weight of the swap-contrast loss (multimodal, padded batches): each answer's mean NLL with the
-    record's own protein must sit `contrast_margin` nats below its NLL with another protein of the batch.
+    """Weight of the swap-contrast loss (multimodal, padded batches): each answer's NLL (summed over its
+    tokens) with the record's own protein must sit `contrast_margin` nats below its NLL with another protein
+    of the batch.
     0: off. Costs a second forward and backward per step."""
+    align_steps: int = 0
+    """Stage 1 only: before the first step, this many Adam steps fitting the projector's residue tokens to
+    the decoder's embeddings of the residues' letters (`training/alignment.py`); 0: off."""
+    align_lr: float = 1.0e-3
     contrast_margin: float = 1.0
-    """The margin, in nats per answer token."""
+    """The margin, in nats per answer (log 4 = 1.39: a four-way answer read with certainty)."""
 
     def __post_init__(self):
         if self.contrast_weight < 0:
             raise ValueError(f"contrast_weight must be >= 0, got {self.contrast_weight}")
+        if self.align_steps < 0:
+            raise ValueError(f"align_steps must be >= 0, got {self.align_steps}")
 
 
 @dataclass

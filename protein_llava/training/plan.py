@@ -140,6 +140,10 @@ def resolve_plan(cfg: DictConfig | TrainConfig) -> TrainPlan:
     config = to_train_config(cfg)
     spec = stage_spec(config)
     optim = optim_config(config)
+    if config.stage2.align_steps:
+        raise ValueError("stage2.align_steps: residue alignment is a warm start of stage 1's projector; set stage1.align_steps")
+    if config.stage == 1 and config.stage1.align_steps and config.model.text_only:
+        raise ValueError("stage1.align_steps needs a multimodal model")
     _check_environment(config, spec)
     projector = None
     if config.stage == 2 and not config.model.text_only:

@@ -32,6 +32,7 @@ from .datamodule import SFTDataModule
 from .export import export_run
 from .heldout import HeldOutEvaluation
 from .plan import TrainPlan, resolve_plan
+from .alignment import align_projector_to_residues
 from .diagnostics import InterfaceDiagnostics
 from .plots import plot_diagnostics, plot_loss_curve
 from .stage import StageModule, apply_stage_spec
@@ -230,6 +231,13 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
     )
     if config.encoder_cache.enabled:
         attach_representation_cache(config, model, datamodule)
+    if config.stage == 1 and config.stage1.align_steps and plan.resume_from is None:
+        datamodule.setup("fit")
+        summary_alignment = align_projector_to_residues(
+            model, processor, sorted(datamodule.proteins()), config.stage1.align_steps, lr=config.stage1.align_lr, seed=config.seed
+        )
+        log.info("projector aligned to the decoder's residue-letter embeddings: cosine %.3f -> %.3f",
+                 summary_alignment.cosine_before, summary_alignment.cosine_after)
     diagnostics = build_diagnostics(config, conversation_tokenizer, pad_id, processor)
     callbacks = [*callbacks, diagnostics] if diagnostics is not None else list(callbacks)
     with quiet_lightning():

@@ -201,13 +201,15 @@ class StageModule(L.LightningModule):
 
     def _contrastive_loss(self, batch: dict, swapped: dict):
         """Mean answer NLL + contrast_weight × mean over rows with a protein of
-        max(0, margin − (NLL with a swapped protein − NLL with its own)), per-row mean NLLs (mDPO's
-        conditional term): the answer must be likelier with the record's own protein than with another's."""
+        max(0, margin − (NLL with a swapped protein − NLL with its own)), NLLs summed over each row's answer
+        (mDPO's conditional term): the answer must be likelier with the record's own protein than with
+        another's. Summed, not per token: the protein decides one or two tokens of a templated answer, and
+        a per-token mean would dilute a margin of a few nats by the answer's length."""
         sums, counts = self._per_sample_nll(batch)
         swapped_sums, swapped_counts = self._per_sample_nll(swapped)
         loss = sums.sum() / counts.sum().clamp(min=1)
         has_protein = (batch["input_ids"] == self.model.config.protein_token_id).any(1) & (counts > 0)
-        gap = swapped_sums / swapped_counts.clamp(min=1) - sums / counts.clamp(min=1)
+        gap = swapped_sums - sums  # (B,) nats per answer
         violation = torch.relu(self.contrast_margin - gap[has_protein]).mean() if has_protein.any() else loss * 0.0
         size = batch["input_ids"].shape[0]
         self.log("train/nll", loss.detach(), batch_size=size)

@@ -66,11 +66,13 @@ def test_contrastive_loss_is_the_nll_plus_the_margin_violation(tiny):
             out = model(**{k: v for k, v in source.items() if k != "labels"})
             logits, labels = out.logits[:, :-1], source["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            per_row.append(losses.sum(1) / (labels != -100).sum(1))
+            per_row.append(losses.sum(1))
     gap = per_row[1][:3] - per_row[0][:3]  # the text-only row (index 3) is left out of the contrast
     expected = plain + weight * torch.relu(margin - gap).mean()
     torch.testing.assert_close(total, expected, rtol=1e-4, atol=1e-5)
     assert total > plain  # a random model's gap is far below a 3-nat margin
+    # The mean part is the plain loss: transformers' mean over every supervised token.
+    torch.testing.assert_close(plain, model(**true).loss, rtol=1e-4, atol=1e-5)
 
 
 def test_contrast_needs_a_multimodal_model_and_padded_batches(tiny):

@@ -1,0 +1,56 @@
+"""Residue alignment: the projector learns to write each residue as the decoder's embedding of its letter."""
+
+import pytest
+import torch
+
+from protein_llava.builders import build_preset
+from protein_llava.projector import strided_mean_pool
+from protein_llava.training.alignment import _targets, align_projector_to_residues, residue_token_embeddings
+
+PROTEINS = ["MKTAYIAKQRQISFVKSHFSRQ", "GGSWDEEKLLPPNQCHHRRT", "ACDEFGHIKLMNPQRSTVWY", "KKKKDDDDEEEERRRRLLLL"] * 2
+
+
+def _nearest_letters(model, processor, proteins):
+    table = residue_token_embeddings(model, processor.tokenizer)
+    letters = sorted(table)
+    matrix = torch.stack([table[r] for r in letters])
+    with torch.no_grad():
+        features, mask = model.protein_encoder(processor.encode_proteins(proteins))
+        tokens, _ = model.projector(features, mask)
+    hits = total = 0
+    for row, residues in enumerate(proteins):
+        similarity = torch.nn.functional.normalize(tokens[row, : len(residues)], dim=-1) @ torch.nn.functional.normalize(matrix, dim=-1).T
+        hits += sum(letters[i] == r for i, r in zip(similarity.argmax(-1).tolist(), residues))
+        total += len(residues)
+    return hits / total
+
+
+def test_alignment_makes_every_residue_token_its_letters_embedding():
+    torch.manual_seed(0)
+    model, processor = build_preset("tiny", projector={"output_norm": "rms"})
+    before = _nearest_letters(model, processor, PROTEINS)
+    encoder_before = {k: v.clone() for k, v in model.protein_encoder.state_dict().items()}
+    result = align_projector_to_residues(model, processor, PROTEINS, steps=300, lr=3e-3)
+    assert result.cosine_before < 0.2 < 0.9 < result.cosine_after and result.mse_after < result.mse_before / 10
+    assert before < 0.3 and _nearest_letters(model, processor, PROTEINS) == 1.0
+    for name, tensor in model.protein_encoder.state_dict().items():
+        assert torch.equal(tensor, encoder_before[name]), f"{name}: the encoder must stay frozen"
+
+
+def test_targets_follow_the_token_reduction():
+    model, processor = build_preset("tiny", projector={"token_reduction": "mean_pool", "pool_stride": 3})
+    table = residue_token_embeddings(model, processor.tokenizer)
+    targets, mask = _targets(["MKTAY", "GG"], table, 5, model.config.projector_config)
+    assert mask.tolist() == [[True, True], [True, False]]
+    torch.testing.assert_close(targets[0, 0], torch.stack([table["M"], table["K"], table["T"]]).mean(0))
+    torch.testing.assert_close(targets[0, 1], torch.stack([table["A"], table["Y"]]).mean(0))
+    ids = processor.tokenizer(" K", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(table["K"], model.get_input_embeddings().weight[ids].detach().float().mean(0))
+    pooled, _ = strided_mean_pool(torch.ones(1, 5, 2), torch.ones(1, 5, dtype=torch.bool), 3)
+    assert pooled.shape[1] == targets.shape[1]
+
+
+def test_alignment_refuses_tokens_that_stand_for_no_residue():
+    model, processor = build_preset("tiny", projector={"token_reduction": "resampler", "num_latents": 4, "resampler_heads": 2})
+    with pytest.raises(ValueError, match="needs projector token_reduction none or mean_pool"):
+        align_projector_to_residues(model, processor, PROTEINS, steps=1)
