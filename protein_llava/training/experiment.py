@@ -202,9 +202,11 @@ def run_experiment(config: ExperimentConfig) -> dict:
         arms["probe" + suffix] = accuracy_by_type(chosen, probe.predictions(chosen), seed=config.seed)
     del probe
     wall = {}
+    final: dict[str, dict] = {}
     for arm in config.arms:
         run = run_arm(arm, config, items, ablated)
         curves[arm] = [r for r in run.records if r["arm"] == arm]
+        final.update(run.final_predictions)
         for name, predictions in run.final_predictions.items():
             chosen = ablated if name.endswith(ABLATED) else items
             arms[name] = accuracy_by_type(chosen, predictions, seed=config.seed)
@@ -217,6 +219,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
         "arms": arms,
         "curves": curves,
         "identity": summarise_identity(retrieval[""]),
+        "mcnemar": paired_tests(items, final),
         "wall_seconds": {"total": round(time.perf_counter() - started, 1), "per_arm": wall},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -224,6 +227,24 @@ def run_experiment(config: ExperimentConfig) -> dict:
     plot_curves(results, out / "curves.png")
     summarize_seeds(out.parent)
     return results
+
+
+def paired_tests(items, predictions: dict[str, dict]) -> dict[str, dict]:
+    """Exact McNemar tests on the held-out items: each trained arm against the text-only arm, and each against
+    itself with the proteins swapped (the ablated items pair with the originals item by item)."""
+    from ..evaluation.statistics import mcnemar_exact
+
+    def outcomes(name):
+        return [bool(predictions[name][item.item_id]["correct"]) for item in items]
+
+    pairs = [(arm, "text_only") for arm in ARMS if arm != "text_only"]
+    pairs += [(arm, arm + ABLATED) for arm in ARMS]
+    tests = {}
+    for first, second in pairs:
+        if first in predictions and second in predictions:
+            test = mcnemar_exact(outcomes(first), outcomes(second))
+            tests[f"{first} vs {second}"] = {"only_first": test.only_first, "only_second": test.only_second, "p_value": test.p_value}
+    return tests
 
 
 def _cell(entry: dict | None) -> str:
@@ -251,6 +272,13 @@ def render_results(results: dict) -> str:
     for name, by_type in results["arms"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(by_type.get(t)) for t in types) + " |")
     lines.append("| chance | " + " | ".join(f"{100 * any_arm[t]['chance']:.1f}%" for t in types) + " |")
+    if results.get("mcnemar"):
+        lines.append("")
+    for pair, test in results.get("mcnemar", {}).items():
+        lines.append(
+            f"Exact McNemar, {pair}: p = {test['p_value']:.3g} ({test['only_first']} items right only in the first, "
+            f"{test['only_second']} only in the second)."
+        )
     identity = results["identity"]
     lines += [
         "",

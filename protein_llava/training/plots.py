@@ -27,7 +27,8 @@ def plot_loss_curve(metrics_csv: Path, png: Path, title: str = "") -> Path:
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("cross-entropy (nats / supervised token)")
     axis.set_title(title)
-    axis.legend()
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend()
     figure.tight_layout()
     figure.savefig(png, dpi=120)
     plt.close(figure)
@@ -69,7 +70,8 @@ def plot_diagnostics(metrics_csv: Path, png: Path, title: str = "") -> Path | No
                 axis.plot(steps, values, marker=".", label=name.removeprefix("diag/"))
         axis.set_xlabel("optimizer step")
         axis.set_title(label, fontsize="medium")
-        axis.legend(fontsize="small")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(png, dpi=110)

@@ -61,6 +61,15 @@ def build_diagnostics(config: TrainConfig, conversation_tokenizer, pad_token_id:
     # Read a bounded prefix: a training file can be large, and only records with a protein are measured.
     conversations = read_conversations(path, RecordReport(), limit=20 * settings.num_records, **hub)
     conversations = [c for c in conversations if c.proteins][: settings.num_records]
+    distinct = len({p for c in conversations for p in c.proteins})
+    if distinct < 2:
+        # A swap needs two proteins; refusing to train over a missing measurement would be worse than saying so.
+        log.warning(
+            "interface diagnostics off: the first %d protein records of %s hold %d distinct protein(s), and the swap "
+            "needs 2; point diagnostics.path at held-out records with varied proteins, or set diagnostics.every=0",
+            len(conversations), path, distinct,
+        )
+        return None
     callback = InterfaceDiagnostics(conversations, every=settings.every)
     callback.bind(conversation_tokenizer, pad_token_id, processor)
     return callback

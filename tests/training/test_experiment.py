@@ -65,6 +65,16 @@ def test_results_are_keyed_by_arm_and_question_type(tiny_experiment):
         assert all(set(entry) == ENTRY_KEYS for entry in by_type.values())
         assert by_type["all"]["n"] == results["n_items"] == sum(by_type[t]["n"] for t in types)
     assert 0 <= results["identity"]["min"] <= results["identity"]["median"] <= results["identity"]["max"] <= 1
+    tests = results["mcnemar"]
+    assert set(tests) == {"multimodal vs text_only", "multimodal_encoder_lora vs text_only",
+                          *(f"{arm} vs {arm}_ablated" for arm in trained)}
+    for test in tests.values():
+        assert 0 <= test["p_value"] <= 1 and test["only_first"] + test["only_second"] <= results["n_items"]
+    # The discordant counts are the arms' accuracies apart: right-only-in-first minus right-only-in-second.
+    first = results["arms"]["multimodal"]["all"]["accuracy"] - results["arms"]["text_only"]["all"]["accuracy"]
+    pair = tests["multimodal vs text_only"]
+    assert round(first * results["n_items"]) == pair["only_first"] - pair["only_second"]
+    assert "Exact McNemar, multimodal vs text_only: p = " in (out / "report.md").read_text()
     # Training read the very files the benchmark was built from (same manifest: nothing was rewritten).
     manifest = json.loads((out / "demo-data" / "manifest.json").read_text())
     assert (manifest["num_train"], manifest["num_heldout"], manifest["seed"]) == (24, 16, 3)

@@ -1,6 +1,7 @@
 """Whole training runs on the tiny preset: the literal commands, resume, DDP, and what each stage trains."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -211,7 +212,7 @@ def test_performance_options_train(overrides, tmp_path):
         assert list((tmp_path / "encoder-cache").glob("*/shard-*.safetensors"))
 
 
-def test_corrupted_records_are_skipped_counted_and_the_rest_trains(tmp_path):
+def test_corrupted_records_are_skipped_counted_and_the_rest_trains(tmp_path, caplog):
     good = {"instruction": "Describe.", "input": "<seq> M K T A Y I A K </seq>", "output": "A kinase."}
     lines = []
     for i in range(60):
@@ -226,8 +227,11 @@ def test_corrupted_records_are_skipped_counted_and_the_rest_trains(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(lines))
     cfg = compose_train(["stage=1", "model=tiny", "data=local", f"data.path={data}", "trainer.max_steps=2", f"out={tmp_path / 'run'}"])
-    summary = train(cfg)
+    with caplog.at_level(logging.WARNING, logger="protein_llava"):
+        summary = train(cfg)
     assert summary.data.kept == 30
+    # Every record carries the same protein, so the swap diagnostics cannot run, and the run says so.
+    assert any("interface diagnostics off" in r.getMessage() and "1 distinct protein" in r.getMessage() for r in caplog.records)
     assert summary.data.skipped == {"bad_json": 10, "invalid_residue": 10, "missing_field": 10}
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert any("data.jsonl:2" in example for example in report["train"]["examples"]["bad_json"])
