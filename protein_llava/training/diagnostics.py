@@ -75,6 +75,7 @@ class InterfaceDiagnostics(L.Callback):
         self.proteins: list[str] = []
         self.processor = None
         self.history: list[dict] = []
+        self.last_measured_step: int | None = None
 
     def bind(self, conversation_tokenizer: ConversationTokenizer, pad_token_id: int, processor=None) -> None:
         """Tokenize the fixed records (own and swapped proteins) with the run's tokenizer; `train()` calls this."""
@@ -120,17 +121,23 @@ class InterfaceDiagnostics(L.Callback):
         return metrics
 
     # --- Lightning hooks
+    def _due(self, trainer, step: int) -> bool:
+        """Every `every` steps and at the run's last step (a stage shorter than `every` still gets its end)."""
+        return step % self.every == 0 or step == trainer.max_steps
+
     def on_train_start(self, trainer, pl_module):
         if trainer.global_step == 0:
             self._log(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every == 0:
+        # With gradient accumulation this hook runs once per micro-batch: measure each step once.
+        step = trainer.global_step
+        if self._due(trainer, step) and step != self.last_measured_step:
             self._log(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # global_step counts finished optimizer steps: this step becomes global_step + 1.
-        if (trainer.global_step + 1) % self.every != 0 or not isinstance(pl_module.model, ProteinLLM):
+        if not self._due(trainer, trainer.global_step + 1) or not isinstance(pl_module.model, ProteinLLM):
             return
         model = pl_module.model
         projector = _grad_norm(model.projector.parameters())
@@ -154,6 +161,7 @@ class InterfaceDiagnostics(L.Callback):
         finally:
             for name, module in model.named_modules():
                 module.training = modes.get(name, module.training)
+        self.last_measured_step = trainer.global_step
         self.history.append({"step": trainer.global_step, **metrics})
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)

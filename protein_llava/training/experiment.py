@@ -59,7 +59,7 @@ class ExperimentConfig:
     num_train: int = 800
     num_heldout: int = 100
     heldout_items: int = 160
-    stage1_steps: int = 60
+    stage1_steps: int = 20
     stage2_steps: int = 120
     eval_every: int = 60
     arms: tuple[str, ...] = ("multimodal", "text_only")

@@ -242,11 +242,10 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
         attach_representation_cache(config, model, datamodule)
     if config.stage == 1 and config.stage1.align_steps and plan.resume_from is None:
         datamodule.setup("fit")
-        summary_alignment = align_projector_to_residues(
+        # It logs its own before/after fit.
+        align_projector_to_residues(
             model, processor, sorted(datamodule.proteins()), config.stage1.align_steps, lr=config.stage1.align_lr, seed=config.seed
         )
-        log.info("projector aligned to the decoder's residue-letter embeddings: cosine %.3f -> %.3f",
-                 summary_alignment.cosine_before, summary_alignment.cosine_after)
     diagnostics = build_diagnostics(config, conversation_tokenizer, pad_id, processor)
     callbacks = [*callbacks, diagnostics] if diagnostics is not None else list(callbacks)
     with quiet_lightning():
