@@ -25,7 +25,7 @@ demo: venv
 	$(PY) train.py stage=1
 	$(PY) train.py stage=2
 	$(PY) train.py stage=2 model=text-only
-	$(PY) eval.py
+	$(PY) eval.py dtype=bfloat16
 
 # The learning experiment, one seed per run: make experiment SEED=0; make experiment SEED=1.
 experiment: venv

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import esm
 import torch
 from esm.model.esm2 import ESM2
@@ -45,7 +47,13 @@ class ProteinEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # A frozen encoder keeps no activations for backward: stage 1 and default stage 2 save its memory.
         trainable = any(p.requires_grad for p in self.esm.parameters())
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        # fair-esm keeps its rotary tables in fp32, so with bf16/fp16 weights q and k are promoted to fp32 while v
+        # is not, and its attention matmul refuses the mix. Autocast at the weights' dtype (what training runs
+        # under anyway) makes them agree; inference outside autocast needs it too.
+        dtype = self.esm.embed_tokens.weight.dtype
+        low_precision = dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(tokens.device.type)
+        autocast = torch.autocast(tokens.device.type, dtype=dtype) if low_precision else contextlib.nullcontext()
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()), autocast:
             representations = self.esm(tokens, repr_layers=[self.repr_layer])["representations"][self.repr_layer]
         # Residues sit at positions 1..L of each row: drop <cls> in front and keep the longest row's span.
         residue_mask = (tokens != self.padding_idx) & (tokens != self.cls_idx) & (tokens != self.eos_idx)

@@ -36,3 +36,24 @@ def test_frozen_encoder_builds_no_graph_and_trainable_one_does():
     assert not encoder(tokens)[0].requires_grad
     encoder.requires_grad_(True)
     assert encoder(tokens)[0].requires_grad
+
+
+def test_bf16_weights_run_outside_autocast_and_match_fair_esm_under_autocast():
+    # fair-esm's rotary tables stay fp32: with bf16 weights and no autocast its attention matmul mixes dtypes.
+    torch.manual_seed(0)
+    encoder = ProteinEncoder(ProteinEncoderConfig(num_layers=2, embed_dim=32, attention_heads=4)).eval()
+    tokens = _tokens(["MKTAYIAKQR", "MSIP"])
+    full, _ = encoder(tokens)
+    encoder.to(torch.bfloat16)
+    try:
+        encoder.esm(tokens, repr_layers=[2])
+        raise AssertionError("fair-esm ran bf16 weights outside autocast; the guard in ProteinEncoder.forward is moot")
+    except RuntimeError as error:
+        assert "dtype" in str(error)
+    half, mask = encoder(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = encoder.esm(tokens, repr_layers=[2])["representations"][2]
+    torch.testing.assert_close(half[0], reference[0, 1:11])
+    torch.testing.assert_close(half[1, :4], reference[1, 1:5])
+    # bf16 round-off only: the same features as the fp32 encoder to about 2 significant digits.
+    torch.testing.assert_close(half[mask].float(), full[mask], atol=0.1, rtol=0.05)
