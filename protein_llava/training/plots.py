@@ -13,13 +13,7 @@ def plot_loss_curve(metrics_csv: Path, png: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, tuple[list[int], list[float]]] = {"train/loss": ([], []), "val/loss": ([], [])}
-    with Path(metrics_csv).open() as handle:
-        for row in csv.DictReader(handle):
-            for name, (steps, values) in series.items():
-                if row.get(name):
-                    steps.append(int(row["step"]))
-                    values.append(float(row[name]))
+    series = _read_series(metrics_csv, ("train/loss", "val/loss"))
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, (steps, values) in series.items():
         if steps:
