@@ -1,4 +1,5 @@
 import esm
+import pytest
 import torch
 
 from protein_llava.configuration import ProteinEncoderConfig
@@ -45,11 +46,8 @@ def test_bf16_weights_run_outside_autocast_and_match_fair_esm_under_autocast():
     tokens = _tokens(["MKTAYIAKQR", "MSIP"])
     full, _ = encoder(tokens)
     encoder.to(torch.bfloat16)
-    try:
+    with pytest.raises(RuntimeError, match="dtype"):  # else the guard in ProteinEncoder.forward is moot
         encoder.esm(tokens, repr_layers=[2])
-        raise AssertionError("fair-esm ran bf16 weights outside autocast; the guard in ProteinEncoder.forward is moot")
-    except RuntimeError as error:
-        assert "dtype" in str(error)
     half, mask = encoder(tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = encoder.esm(tokens, repr_layers=[2])["representations"][2]
