@@ -6,8 +6,12 @@
 2. The same items, with the prompt text eval.py scored, become an lm-eval task (`write_lm_eval_task`).
 3. `protein-llava serve` serves the model on 127.0.0.1; lm-eval's `local-completions` scores the task over
    HTTP, token ids sent as lm-eval tokenizes them, proteins inline as `<seq> … </seq>`.
-4. Prints both accuracies, how many items get the same prediction, and the lm-eval command it ran;
-   writes `<out>/agreement.json`.
+4. Prints both accuracies, how many items get the same prediction, and the lm-eval command it ran.
+5. On text-only items, lm-eval's own `hf` backend scores the same task on the export's decoder (saved as a
+   plain transformers folder): every option log-likelihood and prediction must equal the served run's.
+   `prompt_format=chat` puts each item in an assistant turn that ends after the option number, so the model's
+   next token is often its end of turn: the case where a reply that drops a generated stop token goes wrong.
+   Writes `<out>/agreement.json`.
 
 eval.py's loglik score is the label term lm-eval computes, plus log P(no further digit) (see
 `evaluation/scoring.py`), so the two can differ on an item where that term decides.
@@ -137,8 +141,7 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=60)
 
-    samples_file = max((args.out / "lm-eval").rglob(f"samples_{TASK}_*.jsonl"), key=lambda p: p.stat().st_mtime)
-    samples = read_lm_eval_samples(samples_file)
+    samples = latest_samples(args.out / "lm-eval")
     scored = [item for item in items if item.item_id in predictions and item.item_id in samples]
     eval_correct = sum(bool(predictions[i.item_id]["correct"]) for i in scored)
     lm_correct = sum(samples[i.item_id]["acc"] == 1.0 for i in scored)
@@ -153,13 +156,56 @@ def main() -> int:
         "model": args.model,
         "eval_overrides": eval_overrides(args),
     }
-    (args.out / "agreement.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"\n{len(scored)} items: eval.py loglik {100 * summary['eval_py_accuracy']:.1f}% ({eval_correct}), "
         f"lm-eval local-completions {100 * summary['lm_eval_accuracy']:.1f}% ({lm_correct}); "
         f"same prediction on {same}/{len(scored)}; eval.py {eval_seconds:.0f} s, lm-eval over HTTP {lm_eval_seconds:.0f} s"
     )
+    if any(item.proteins for item in items):
+        print("lm-eval `hf` not run: these items carry proteins, which a plain decoder cannot read")
+    else:
+        summary["hf"] = compare_with_hf(args, task_folder, add_bos, samples, items)
+    (args.out / "agreement.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def latest_samples(folder: Path) -> dict:
+    return read_lm_eval_samples(max(folder.rglob(f"samples_{TASK}_*.jsonl"), key=lambda p: p.stat().st_mtime))
+
+
+def compare_with_hf(args, task_folder: Path, add_bos: bool, served: dict, items) -> dict:
+    """lm-eval's own `hf` backend on the export's decoder, saved as a plain transformers folder: the same
+    task, tokenizer and BOS setting as the run through the server, so every option log-likelihood and
+    every prediction must agree."""
+    from protein_llava.inference.predict import Answerer
+
+    decoder = args.out / "decoder"
+    answerer = Answerer.from_folder(args.model, device="cpu", dtype="float32")
+    answerer.model.language_model.save_pretrained(decoder)
+    answerer.processor.tokenizer.save_pretrained(decoder)
+    del answerer
+    started = time.monotonic()
+    run(
+        [
+            sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+            "--model_args", f"pretrained={decoder},dtype=float32,device=cpu,add_bos_token={add_bos}",
+            "--tasks", TASK, "--include_path", str(task_folder), "--batch_size", str(args.batch_size),
+            "--output_path", str(args.out / "lm-eval-hf"), "--log_samples",
+        ]
+    )
+    seconds = time.monotonic() - started
+    local = latest_samples(args.out / "lm-eval-hf")
+    both = [item.item_id for item in items if item.item_id in served and item.item_id in local]
+    largest = max(
+        (abs(a - b) for item_id in both for a, b in zip(served[item_id]["logliks"], local[item_id]["logliks"])), default=0.0
+    )
+    same = sum(served[item_id]["predicted"] == local[item_id]["predicted"] for item_id in both)
+    hf_correct = sum(local[item_id]["acc"] == 1.0 for item_id in both)
+    print(
+        f"lm-eval hf on the same decoder: {100 * hf_correct / len(both):.1f}% ({hf_correct}/{len(both)}); same prediction as "
+        f"local-completions on {same}/{len(both)}; largest option log-likelihood difference {largest:.2e} nats; hf {seconds:.0f} s"
+    )
+    return {"items": len(both), "accuracy": hf_correct / len(both), "same_prediction": same, "max_abs_loglik_diff": largest, "seconds": round(seconds, 1)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """lm-evaluation-harness's `local-completions` scores a live `protein-llava serve` on benchmark items with
 inline proteins: its option log-likelihoods equal a direct forward of the model, and so does its accuracy."""
 
+import dataclasses
 import json
 
 import pytest
@@ -63,7 +64,7 @@ def test_lm_eval_local_completions_matches_a_direct_forward(tiny_folder, tmp_pat
             model="local-completions",
             model_args=model_args,
             tasks=["protein_llava_test"],
-            task_manager=TaskManager(include_path=str(folder)),
+            task_manager=TaskManager(include_path=str(folder), include_defaults=False),
             log_samples=True,
             batch_size=4,
         )
@@ -77,3 +78,121 @@ def test_lm_eval_local_completions_matches_a_direct_forward(tiny_folder, tmp_pat
         assert samples[item.item_id]["logliks"] == pytest.approx(expected, abs=1e-4)
         correct += max(range(4), key=lambda j: expected[j]) + 1 == item.answer
     assert results["results"]["protein_llava_test"]["acc,none"] == pytest.approx(correct / len(benchmark))
+
+
+# --- lm-eval through the server against lm-eval's own `hf` backend on the same weights
+
+
+def save_plain_decoder(answerer, folder):
+    """The ProteinLLM's decoder and tokenizer as a plain transformers folder, for lm-eval's `hf` backend."""
+    answerer.model.language_model.save_pretrained(folder)
+    answerer.processor.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def lm_eval_both_ways(answerer, decoder_folder, benchmark, prompts, task_folder, task) -> tuple[dict, dict]:
+    """Per item id, lm-eval's logliks and prediction: `local-completions` against a live server of
+    `answerer`, and `hf` on `decoder_folder`; the same task, tokenizer and BOS setting."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    write_lm_eval_task(benchmark, prompts, task_folder, task)
+    task_manager = TaskManager(include_path=str(task_folder), include_defaults=False)
+    limits = ServerLimits(**{**TEST_LIMITS.__dict__, "max_body_bytes": 1 << 22, "max_prompt_tokens": 4096, "max_wait_ms": 5})
+
+    def samples_of(results) -> dict:
+        file = task_folder / f"samples-{len(list(task_folder.glob('samples-*')))}.jsonl"
+        file.write_text("\n".join(json.dumps(sample, default=str) for sample in results["samples"][task]))
+        return read_lm_eval_samples(file)
+
+    with live_server(create_app(answerer, limits, model_name=MODEL_NAME)) as url:
+        served = simple_evaluate(
+            model="local-completions",
+            model_args=(
+                f"model={MODEL_NAME},base_url={url}/v1/completions,tokenizer={decoder_folder},"
+                "tokenized_requests=True,add_bos_token=False,num_concurrent=1,max_retries=1"
+            ),
+            tasks=[task],
+            task_manager=task_manager,
+            log_samples=True,
+            batch_size=8,
+        )
+    local = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={decoder_folder},dtype=float32,device=cpu,add_bos_token=False",
+        tasks=[task],
+        task_manager=task_manager,
+        log_samples=True,
+        batch_size=8,
+    )
+    return samples_of(served), samples_of(local)
+
+
+def assert_same_scores(served: dict, local: dict, benchmark) -> None:
+    assert sorted(served) == sorted(local) == sorted(item.item_id for item in benchmark)
+    for item in benchmark:
+        assert served[item.item_id]["logliks"] == pytest.approx(local[item.item_id]["logliks"], abs=1e-4), item.item_id
+        assert served[item.item_id]["predicted"] == local[item.item_id]["predicted"], item.item_id
+
+
+def next_tokens(answerer, prompt: str, options: int) -> list[int]:
+    """The greedy token after prompt + " n" for each option n, tokenized as lm-eval sends it."""
+    tokenizer = answerer.processor.tokenizer
+    result = []
+    for number in range(1, options + 1):
+        ids = torch.tensor([tokenizer(prompt + f" {number}", add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            result.append(int(answerer.model(input_ids=ids).logits[0, -1].argmax()))
+    return result
+
+
+def text_items(count: int) -> list[BenchmarkItem]:
+    return [
+        BenchmarkItem(
+            f"text{index}",
+            f"Which residue is most common in a protein rich in {'AKDE'[index % 4]}?",
+            tuple(f"residue {chr(65 + n + index)}" for n in range(index % 3 + 3)),
+            answer=1 + index % 3,
+        )
+        for index in range(count)
+    ]
+
+
+def test_lm_eval_through_the_server_equals_lm_eval_hf_when_the_next_token_is_a_stop(tiny_folder, tmp_path, one_thread):
+    """The tiny model stops at every token it would generate after an option ("end of turn" everywhere):
+    the server's reply still holds that generated token, so lm-eval's `[:-1]` cuts only it."""
+    answerer = Answerer.from_folder(tiny_folder, device="cpu")
+    benchmark = text_items(6)
+    prompts = [official_prompt(item.question, item.options) for item in benchmark]
+    stops = sorted({token for item, prompt in zip(benchmark, prompts) for token in next_tokens(answerer, prompt, item.num_options)})
+    answerer.stop_token_ids = stops
+    decoder = save_plain_decoder(answerer, tmp_path / "decoder")
+    served, local = lm_eval_both_ways(answerer, decoder, benchmark, prompts, tmp_path / "task", "tiny_agreement")
+    assert_same_scores(served, local, benchmark)
+
+
+def test_lm_eval_through_the_server_equals_lm_eval_hf_on_smollm2_proteinlmbench(smollm2, shared_data, tmp_path):
+    """SmolLM2-135M-Instruct on ProteinLMBench items of the shared sample, each as the raw official prompt
+    and as a chat turn the model ends after the option number (its greedy next token is <|im_end|>)."""
+    from protein_llava.evaluation.benchmarks import load_proteinlmbench
+
+    _, model, processor = smollm2
+    answerer = Answerer(model, processor, device="cpu")
+    # The two shortest of the first ten items keep this to two forwards of ~250 tokens per option and backend.
+    first = load_proteinlmbench(str(shared_data / "proteinlmbench_sample.json"), limit=10).items
+    benchmark = sorted(first, key=lambda item: len(official_prompt(item.question, item.options)))[:2]
+    raw = [official_prompt(item.question, item.options) for item in benchmark]
+    chat = [
+        answerer.render([{"role": "user", "content": prompt + "\nReply with the option number only."}]) + "The correct option is:"
+        for prompt in raw
+    ]
+    items = [*benchmark, *(dataclasses.replace(item, item_id=f"{item.item_id}-chat") for item in benchmark)]
+    prompts = [*raw, *chat]
+    assert not any("<seq>" in prompt for prompt in prompts)  # text only: lm-eval's `hf` cannot read proteins
+    ends_turn = sum(
+        token in answerer.stop_token_ids for item, prompt in zip(benchmark, chat) for token in next_tokens(answerer, prompt, item.num_options)
+    )
+    assert ends_turn >= 2, "the chat prompts must make the model end its turn after some options"
+    decoder = save_plain_decoder(answerer, tmp_path / "decoder")
+    served, local = lm_eval_both_ways(answerer, decoder, items, prompts, tmp_path / "task", "smollm2_agreement")
+    assert_same_scores(served, local, items)

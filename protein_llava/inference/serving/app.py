@@ -487,8 +487,13 @@ async def _chat_events(
             yield f"data: {_error_event(504 if reason == 'deadline' else 500, reason, str(error))}\n\n"
             yield "data: [DONE]\n\n"
             return
-        if len(result.text) > len(emitted) and result.text.startswith(emitted):
-            yield oai.chat_chunk(chunk_id, created, model, {"content": result.text[len(emitted) :]})
+        rest = result.text[len(emitted) :] if len(result.text) > len(emitted) and result.text.startswith(emitted) else ""
+        if job.logprobs is not None:
+            # Logprobs come from the scores `generate` returns at the end, so they travel in one last content
+            # chunk, every generated token's (the stop token's included); clients concatenate chunks' lists.
+            yield oai.chat_chunk(chunk_id, created, model, {"content": rest}, logprobs=oai.chat_logprobs(result, tokenizer))
+        elif rest:
+            yield oai.chat_chunk(chunk_id, created, model, {"content": rest})
         yield oai.chat_chunk(chunk_id, created, model, {}, result.finish_reason)
         if include_usage:
             yield oai.chat_chunk(chunk_id, created, model, None, usage_=oai.usage(job.prompt.num_tokens, len(result.token_ids)))

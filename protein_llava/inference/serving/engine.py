@@ -58,15 +58,18 @@ class TokenLogprobs:
 
 @dataclass
 class Completion:
-    """What a job produced: new token ids (cut at a stop), their text, why it ended, and logprobs."""
+    """What a job produced: the tokens it generated, their text (cut before a stop), why it ended, logprobs."""
 
     token_ids: list[int]
+    """Every token generated, the one that ended generation (a stop token, or the token that completed a
+    stop string) included."""
     text: str
+    """The generated text without the stop token or stop string."""
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """Per model input position (None for the first); only when the job asked for echo logprobs."""
     logprobs: list[TokenLogprobs] | None = None
-    """Per generated token; only when the job asked for logprobs."""
+    """Per token of `token_ids`; only when the job asked for logprobs."""
 
 
 class JobCancelled(Exception):
@@ -366,19 +369,27 @@ def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
 
 
 def _finish_row(answerer, job: Job, tokens: list[int], logits: torch.Tensor | None, prompt_logprobs) -> Completion:
-    """A row's new tokens → its completion: cut at the first stop token or stop string, decoded, with the
-    logprobs of the tokens kept (`logits`: (new tokens, vocab), the raw scores at each new position)."""
+    """A row's new tokens → its completion (`logits`: (new tokens, vocab), the raw scores at each position).
+
+    The text stops before the first stop token or stop string. The token ids and logprobs keep every token
+    generated up to and including the one that ended generation, as OpenAI-style servers reply: lm-eval
+    scores an echoed prompt by dropping the reply's last token, so a reply that left out a generated stop
+    token would cost the continuation its own last token.
+    """
     tokenizer = answerer.processor.tokenizer
     finish = "length"
+    text_tokens = tokens
     for index, token in enumerate(tokens):
         if token in answerer.stop_token_ids:
-            tokens, finish = tokens[:index], "stop"
+            tokens, text_tokens, finish = tokens[: index + 1], tokens[:index], "stop"
             break
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cut = [text.find(stop) for stop in job.stop if stop in text]
-    if cut:
-        text, finish = text[: min(cut)], "stop"
-        tokens = _tokens_covering(tokenizer, tokens, len(text))
+    text = tokenizer.decode(text_tokens, skip_special_tokens=True)
+    found = [(text.find(stop), len(stop)) for stop in job.stop if stop in text]
+    if found:
+        start = min(begin for begin, _ in found)
+        stop_end = min(begin + size for begin, size in found)
+        text, finish = text[:start], "stop"
+        tokens = _tokens_covering(tokenizer, text_tokens, stop_end)  # up to the token that completed the stop
     if job.cancelled.is_set() and finish == "length" and len(tokens) < job.max_new_tokens:
         finish = "cancelled"
     token_logprobs = None
@@ -389,7 +400,7 @@ def _finish_row(answerer, job: Job, tokens: list[int], logits: torch.Tensor | No
 
 
 def _tokens_covering(tokenizer, tokens: list[int], length: int) -> list[int]:
-    """The shortest prefix of `tokens` whose text reaches `length` characters (a stop string was cut)."""
+    """The shortest prefix of `tokens` whose text reaches `length` characters."""
     for end in range(len(tokens) + 1):
         if len(tokenizer.decode(tokens[:end], skip_special_tokens=True)) >= length:
             return tokens[:end]

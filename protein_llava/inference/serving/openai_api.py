@@ -220,10 +220,18 @@ def chat_response(model: str, completion: Completion, prompt_tokens: int, tokeni
     }
 
 
-def chat_chunk(chunk_id: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None, usage_: dict | None = None) -> str:
+def chat_chunk(
+    chunk_id: str,
+    created: int,
+    model: str,
+    delta: dict | None,
+    finish_reason: str | None = None,
+    usage_: dict | None = None,
+    logprobs: dict | None = None,
+) -> str:
     """One server-sent event of a streamed chat completion."""
     body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
     if usage_ is not None:
         body["usage"] = usage_
     return f"data: {json.dumps(body)}\n\n"

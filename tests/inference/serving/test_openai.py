@@ -1,6 +1,7 @@
 """The OpenAI API on a live server: logprobs equal a direct forward, chat equals /v1/answer, streaming equals
 non-streaming, the `openai` client works against it, and the API key is enforced."""
 
+import copy
 import json
 
 import httpx
@@ -235,3 +236,93 @@ def test_streaming_holds_back_what_may_become_a_stop_string():
     assert _streamable("hello world and more", ("world",)) == "hello "
     assert _streamable("abc\ufffd", ()) == "abc"
     assert _streamable("abc", ("x", "bcd")) == "a"
+
+
+def stopping_at(answerer, token: int):
+    """The same model with `token` as its only stop token (a stand-in for an end-of-turn the model predicts)."""
+    stopping = copy.copy(answerer)
+    stopping.stop_token_ids = [token]
+    return stopping
+
+
+def test_a_generated_stop_token_stays_in_the_echoed_logprobs(server, client):
+    """lm-eval's log-likelihood request (echo, max_tokens=1) takes the reply as prompt + one generated token
+    and drops the last: the generated token must be there even when it is a stop token."""
+    _, answerer = server
+    ids = answerer.processor.tokenizer("The quick brown fox")["input_ids"]
+    (greedy,) = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 0}).json()[
+        "choices"
+    ][0]["logprobs"]["tokens"]
+    token = answerer.processor.tokenizer.convert_tokens_to_ids(answerer.processor.tokenizer.tokenize(greedy))[0]
+    with live_server(create_app(stopping_at(answerer, token), TEST_LIMITS, model_name=MODEL_NAME)) as url:
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as stopping_client:
+            body = {"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+            choice = stopping_client.post("/v1/completions", json=body).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert choice["finish_reason"] == "stop"
+    assert len(logprobs["tokens"]) == len(ids) + 1  # the prompt, then the stop token it generated
+    assert logprobs["tokens"][-1] == greedy
+    direct = direct_logprobs(answerer, ids + [token])
+    assert logprobs["token_logprobs"][1:] == pytest.approx(direct, abs=1e-5)
+    assert choice["text"] == "".join(logprobs["tokens"][:-1])  # the text leaves the stop token out
+
+
+def greedy_ids(answerer, text: str, add_special_tokens: bool, count: int) -> list[int]:
+    """The model's first `count` greedy tokens after `text`, by `generate` outside the server."""
+    inputs = answerer.processor(text=text, add_special_tokens=add_special_tokens)
+    with torch.inference_mode():
+        output = answerer.model.generate(**inputs, max_new_tokens=count, do_sample=False, **answerer.generation_options())
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_a_stop_in_the_middle_keeps_the_tokens_up_to_it(server, client):
+    """max_tokens > 1 with a stop token, then a stop string, mid-answer: logprobs, usage and finish_reason
+    cover the generated tokens up to the one that ended generation; the text stops before it. Chat and
+    streamed chat give the same logprobs."""
+    _, answerer = server
+    tokenizer = answerer.processor.tokenizer
+    payload = {"prompt": "abc", "max_tokens": 8, "temperature": 0, "logprobs": 0}
+    free = client.post("/v1/completions", json=payload).json()["choices"][0]["logprobs"]
+    free_ids = greedy_ids(answerer, text="abc", add_special_tokens=True, count=8)
+    assert [tokenizer.decode([t]) for t in free_ids] == free["tokens"]
+    at = next(i for i in range(2, len(free_ids)) if free_ids[i] not in free_ids[:i])
+    messages = [{"role": "user", "content": user_message(QUESTION, PROTEIN)}]
+    chat_payload = {"messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    free_chat = client.post("/v1/chat/completions", json=chat_payload).json()["choices"][0]["logprobs"]["content"]
+    chat_ids = greedy_ids(answerer, text=answerer.render(messages), add_special_tokens=False, count=len(free_chat))
+    assert [tokenizer.decode([t]) for t in chat_ids] == [entry["token"] for entry in free_chat]
+    chat_at = next(i for i in range(1, len(chat_ids)) if chat_ids[i] not in chat_ids[:i])
+
+    with live_server(create_app(stopping_at(answerer, free_ids[at]), TEST_LIMITS, model_name=MODEL_NAME)) as url:
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as stopping_client:
+            cut = stopping_client.post("/v1/completions", json=payload).json()
+    choice = cut["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["logprobs"]["tokens"] == free["tokens"][: at + 1]
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(free["token_logprobs"][: at + 1], abs=1e-5)
+    assert choice["text"] == "".join(free["tokens"][:at])
+    assert cut["usage"]["completion_tokens"] == at + 1
+
+    # A stop string that the third token completes: that token is the last one reported.
+    stop = free["tokens"][2]
+    assert stop and stop not in "".join(free["tokens"][:2]) + free["tokens"][2][:-1], "the stop string must first appear in the third token"
+    by_string = client.post("/v1/completions", json={**payload, "stop": [stop]}).json()["choices"][0]
+    assert by_string["finish_reason"] == "stop"
+    assert by_string["logprobs"]["tokens"] == free["tokens"][:3]
+    assert by_string["text"] == "".join(free["tokens"][:2])
+
+    with live_server(create_app(stopping_at(answerer, chat_ids[chat_at]), TEST_LIMITS, model_name=MODEL_NAME)) as url:
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as stopping_client:
+            whole = stopping_client.post("/v1/chat/completions", json=chat_payload).json()
+            with stopping_client.stream("POST", "/v1/chat/completions", json={**chat_payload, "stream": True}) as response:
+                events = read_events(response)
+    content = whole["choices"][0]["logprobs"]["content"]
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    assert [entry["token"] for entry in content] == [entry["token"] for entry in free_chat[: chat_at + 1]]
+    assert [entry["logprob"] for entry in content] == pytest.approx([entry["logprob"] for entry in free_chat[: chat_at + 1]], abs=1e-5)
+    assert whole["choices"][0]["message"]["content"] == "".join(entry["token"] for entry in free_chat[:chat_at])
+    chunks = [event for event in events[:-1] if event["choices"]]
+    streamed = [entry for chunk in chunks for entry in ((chunk["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert streamed == content
+    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["stop"]
