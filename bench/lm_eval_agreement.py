@@ -98,10 +98,7 @@ def main() -> int:
     args = parser.parse_args()
     args.model = str(Path(args.model).resolve())
     args.out = args.out.resolve()
-    from protein_llava.evaluation.lm_eval_task import (
-        read_lm_eval_samples,
-        write_lm_eval_task,
-    )
+    from protein_llava.evaluation.lm_eval_task import write_lm_eval_task
 
     started = time.monotonic()
     run([sys.executable, "eval.py", *eval_overrides(args)])
@@ -170,6 +167,8 @@ def main() -> int:
 
 
 def latest_samples(folder: Path) -> dict:
+    from protein_llava.evaluation.lm_eval_task import read_lm_eval_samples
+
     return read_lm_eval_samples(max(folder.rglob(f"samples_{TASK}_*.jsonl"), key=lambda p: p.stat().st_mtime))
 
 
@@ -188,7 +187,7 @@ def compare_with_hf(args, task_folder: Path, add_bos: bool, served: dict, items)
     run(
         [
             sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-            "--model_args", f"pretrained={decoder},dtype=float32,device=cpu,add_bos_token={add_bos}",
+            "--model_args", f"pretrained={decoder},dtype=float32,add_bos_token={add_bos}", "--device", "cpu",
             "--tasks", TASK, "--include_path", str(task_folder), "--batch_size", str(args.batch_size),
             "--output_path", str(args.out / "lm-eval-hf"), "--log_samples",
         ]
