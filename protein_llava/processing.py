@@ -13,6 +13,7 @@ import torch
 from transformers import AddedToken, BatchFeature, ProcessorMixin
 
 from .configuration import ESM2_MAX_RESIDUES, ProjectorConfig, num_protein_tokens
+from .constants import PROTEIN_TOKEN
 from .encoder import esm2_alphabet
 from .sequences import (
     CheckedSequence,
@@ -25,7 +26,6 @@ from .sequences import (
     normalize_sequence,
 )
 
-PROTEIN_TOKEN = "<protein>"
 
 
 class ProteinLLMProcessor(ProcessorMixin):

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
+from .constants import SEQ_CLOSE, SEQ_OPEN
+
 # The 20 standard residues plus the ambiguity / rare codes ESM-2's alphabet has tokens for:
 # X (any), B (D or N), Z (E or Q), U (selenocysteine), O (pyrrolysine).
 RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWY" + "XBUZO")
-SEQ_OPEN, SEQ_CLOSE = "<seq>", "</seq>"
 OverflowPolicy = Literal["error", "truncate"]
 _TAG = re.compile(r"</?seq>", re.IGNORECASE)
 

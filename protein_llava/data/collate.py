@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from ..processing import ProteinLLMProcessor
-from .tokenize import IGNORE_INDEX, Example, with_proteins
+from ..constants import IGNORE_INDEX
+from .tokenize import Example, with_proteins
 
 SWAPPED_PREFIX = "swapped_"
 

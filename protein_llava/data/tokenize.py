@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from ..constants import IGNORE_INDEX
 from ..processing import ProteinLLMProcessor
 from ..sequences import ProteinSequenceError, find_seq_spans
 from .records import Conversation, RecordError, Turn
 
-IGNORE_INDEX = -100
 Mode = Literal["sft", "caption"]
 
 

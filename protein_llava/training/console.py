@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from ..data.tokenize import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 
 
 class _DropMessages(logging.Filter):

@@ -26,7 +26,8 @@ import torch
 
 from ..data.collate import PaddedCollator
 from ..data.records import Conversation, Turn
-from ..data.tokenize import IGNORE_INDEX, ConversationTokenizer
+from ..constants import IGNORE_INDEX
+from ..data.tokenize import ConversationTokenizer
 from ..loss import chunked_causal_lm_forward
 from ..modeling import ProteinLLM
 from ..sequences import find_seq_spans, format_sequence, normalize_sequence

@@ -11,7 +11,8 @@ from protein_llava import build_tiny
 from protein_llava.data.batching import ResumableBatchSampler, first_fit_packs
 from protein_llava.data.collate import PackedCollator, PaddedCollator, real_token_fraction
 from protein_llava.data.records import Conversation, Turn
-from protein_llava.data.tokenize import IGNORE_INDEX, ConversationTokenizer
+from protein_llava.constants import IGNORE_INDEX
+from protein_llava.data.tokenize import ConversationTokenizer
 from protein_llava.training.datamodule import ExampleDataset
 from sample_proteins import P1, P2
 

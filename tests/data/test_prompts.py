@@ -14,7 +14,8 @@ from protein_llava.data.prompts import (
 )
 from protein_llava.data.records import parse_record
 from protein_llava.data.scl2205 import protein_record
-from protein_llava.data.tokenize import IGNORE_INDEX, ConversationTokenizer
+from protein_llava.constants import IGNORE_INDEX
+from protein_llava.data.tokenize import ConversationTokenizer
 from protein_llava.inference.predict import Answerer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,8 @@ from protein_llava import ProteinLLMProcessor
 from protein_llava.configuration import ProjectorConfig
 from protein_llava.data.collate import PaddedCollator
 from protein_llava.data.records import Conversation, RecordError, Turn
-from protein_llava.data.tokenize import IGNORE_INDEX, ConversationTokenizer
+from protein_llava.constants import IGNORE_INDEX
+from protein_llava.data.tokenize import ConversationTokenizer
 from protein_llava.text_tokenizer import byte_level_tokenizer
 
 

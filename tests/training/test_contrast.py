@@ -6,7 +6,8 @@ import torch
 from protein_llava import build_tiny
 from protein_llava.data.collate import SWAPPED_PREFIX, PaddedCollator, swap_batch_proteins
 from protein_llava.data.records import Conversation, Turn
-from protein_llava.data.tokenize import IGNORE_INDEX, ConversationTokenizer, with_proteins
+from protein_llava.constants import IGNORE_INDEX
+from protein_llava.data.tokenize import ConversationTokenizer, with_proteins
 from protein_llava.training.optim import OptimConfig
 from protein_llava.training.stage import STAGE1, StageModule, apply_stage_spec, stage2_spec
 
