@@ -26,6 +26,10 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps)
     parser.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument(
+        "--contrast-weight", type=float, default=defaults.contrast_weight,
+        help="the swap-contrast loss in the multimodal arms' stage 2 (the text-only arm has no protein to swap)",
+    )
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(defaults.arms))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run, e.g. data.batch_size=8")
     args = parser.parse_args()
@@ -39,6 +43,7 @@ def main() -> None:
         stage1_steps=args.stage1_steps,
         stage2_steps=args.stage2_steps,
         eval_every=args.eval_every,
+        contrast_weight=args.contrast_weight,
         arms=tuple(args.arms),
         train_overrides=tuple(args.overrides),
     )

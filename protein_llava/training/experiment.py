@@ -49,6 +49,8 @@ class ExperimentConfig:
         stage1_steps / stage2_steps: the multimodal arm's optimizer steps per stage; the text-only arm
             trains stage1_steps + stage2_steps steps of stage 2.
         eval_every: held-out accuracy every N steps (and at step 0 and the last step).
+        contrast_weight: `stage2.contrast_weight` of the multimodal arms' stage 2 (the swap-contrast loss);
+            never the text-only arm's, which has no protein to swap.
         arms: which trained arms to run (see `ARMS`); the retrieval and probe arms always run.
         train_overrides: extra Hydra overrides for every training run (e.g. "data.batch_size=8").
     """
@@ -62,6 +64,7 @@ class ExperimentConfig:
     stage1_steps: int = 20
     stage2_steps: int = 120
     eval_every: int = 60
+    contrast_weight: float = 0.0
     arms: tuple[str, ...] = ("multimodal", "text_only")
     train_overrides: tuple[str, ...] = ()
 
@@ -74,6 +77,13 @@ class ExperimentConfig:
         for name in ("num_train", "num_heldout", "heldout_items", "stage1_steps", "stage2_steps", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.contrast_weight < 0:
+            raise ValueError(f"contrast_weight must be >= 0, got {self.contrast_weight}")
+        if any(override.lstrip("+~").startswith("stage2.contrast_weight") for override in self.train_overrides):
+            raise ValueError(
+                "give the swap-contrast weight as contrast_weight (--contrast-weight), not as a train override: "
+                "a train override reaches the text-only arm too, which has no protein to swap"
+            )
         if not Path(self.train_config_dir, "train.yaml").is_file():
             raise FileNotFoundError(f"train_config_dir={self.train_config_dir} holds no train.yaml")
 
@@ -169,6 +179,7 @@ def run_arm(arm: str, config: ExperimentConfig, items, ablated) -> ArmRun:
         "stage=2",
         f"stage2.max_steps={config.stage2_steps}",
         f"stage2.encoder={encoder}",
+        *([f"stage2.contrast_weight={config.contrast_weight}"] if config.contrast_weight else []),
         f"stage2.projector={stage1_projector}",
         f"out={out / arm / 'stage2'}",
     ]
@@ -223,6 +234,11 @@ def run_experiment(config: ExperimentConfig) -> dict:
         "wall_seconds": {"total": round(time.perf_counter() - started, 1), "per_arm": wall},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # Each item's outcome per arm, so runs can be paired item by item later (McNemar across runs).
+    with (out / "predictions.jsonl").open("w") as handle:
+        for name, by_item in final.items():
+            for item_id, prediction in by_item.items():
+                handle.write(json.dumps({"arm": name, **prediction, "item_id": item_id}) + "\n")
     (out / "report.md").write_text(render_results(results))
     plot_curves(results, out / "curves.png")
     summarize_seeds(out.parent)
@@ -263,7 +279,9 @@ def render_results(results: dict) -> str:
         f"# Learning experiment, seed {results['seed']}",
         "",
         f"{results['n_items']} held-out items (4 options each); multimodal: {settings['stage1_steps']} stage-1 + "
-        f"{settings['stage2_steps']} stage-2 steps; text-only: {settings['stage1_steps'] + settings['stage2_steps']} "
+        f"{settings['stage2_steps']} stage-2 steps"
+        + (f" with swap-contrast weight {settings['contrast_weight']:g}" if settings.get("contrast_weight") else "")
+        + f"; text-only: {settings['stage1_steps'] + settings['stage2_steps']} "
         f"stage-2 steps; wall time {results['wall_seconds']['total'] / 60:.1f} min.",
         "",
         "| arm | " + " | ".join(f"{t} (n={any_arm[t]['n']})" for t in types) + " |",

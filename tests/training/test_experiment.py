@@ -31,6 +31,10 @@ def test_eval_steps_include_the_start_and_the_end():
         ExperimentConfig(arms=("multimodal", "vision"), train_config_dir=str(CONFIG_DIR))
     with pytest.raises(ValueError, match="stage2_steps must be >= 1"):
         ExperimentConfig(stage2_steps=0, train_config_dir=str(CONFIG_DIR))
+    with pytest.raises(ValueError, match="contrast_weight must be >= 0"):
+        ExperimentConfig(contrast_weight=-1.0, train_config_dir=str(CONFIG_DIR))
+    with pytest.raises(ValueError, match="reaches the text-only arm"):
+        ExperimentConfig(train_overrides=("stage2.contrast_weight=1.0",), train_config_dir=str(CONFIG_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,7 @@ def tiny_experiment(tmp_path_factory):
         stage1_steps=2,
         stage2_steps=3,
         eval_every=2,
+        contrast_weight=1.0,
         arms=("multimodal", "text_only", "multimodal_encoder_lora"),
         train_overrides=("model.preset=tiny", "trainer.log_every_n_steps=1"),
     )
@@ -139,3 +144,31 @@ def test_summary_averages_the_seeds(tmp_path):
     assert summary["arms"]["probe"]["function"]["per_seed"] == [0.7] and summary["arms"]["probe"]["function"]["n_per_seed"] == 10
     assert summary["wall_minutes_per_seed"] == [1.0, 2.0]
     assert "60.0% (50.0, 70.0)" in (tmp_path / "summary.md").read_text()
+
+
+def test_contrast_reaches_the_multimodal_arms_only(tiny_experiment):
+    """contrast_weight turns on the swap-contrast loss (it logs train/swap_gap) in the multimodal arms' stage 2,
+    never in their stage 1 or in the text-only arm, which has no protein to swap."""
+    import csv
+
+    out, results = tiny_experiment
+
+    def logged_swap_gap(run: str) -> bool:
+        rows = list(csv.DictReader((out / run / "logs" / "metrics.csv").open()))
+        return any(row.get("train/swap_gap") not in (None, "") for row in rows)
+
+    assert logged_swap_gap("multimodal/stage2") and logged_swap_gap("multimodal_encoder_lora/stage2")
+    assert not logged_swap_gap("multimodal/stage1") and not logged_swap_gap("text_only")
+    assert "with swap-contrast weight 1" in (out / "report.md").read_text()
+
+
+def test_predictions_pair_the_arms_item_by_item(tiny_experiment):
+    out, results = tiny_experiment
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    trained = {name for name in results["arms"] if not name.startswith(("retrieval", "probe"))}
+    assert {row["arm"] for row in rows} == trained
+    for name in trained:
+        mine = [row for row in rows if row["arm"] == name]
+        assert len(mine) == len({row["item_id"] for row in mine}) == results["n_items"]
+        accuracy = sum(row["correct"] for row in mine) / len(mine)
+        assert accuracy == pytest.approx(results["arms"][name]["all"]["accuracy"])
