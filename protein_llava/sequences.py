@@ -163,6 +163,12 @@ def find_seq_spans(text: str, record: str | None = None) -> list[SeqSpan]:
     return spans
 
 
+def strip_markup(text: str, protein_token: str) -> str:
+    """`text` without `<seq>`/`</seq>` tags and placeholder tokens: a model's reply put back into a chat
+    history, which the processor parses again, must not read as protein markup."""
+    return _TAG.sub("", text).replace(protein_token, "")
+
+
 def format_sequence(residues: str) -> str:
     """ProteinLMDataset's inline text form: `<seq> M K T ... </seq>`."""
     return f"{SEQ_OPEN} {' '.join(residues)} {SEQ_CLOSE}"

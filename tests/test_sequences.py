@@ -114,3 +114,12 @@ def test_find_spans_arbitrary_markup_gives_spans_or_typed_error(text):
     except ProteinSequenceError:
         return
     assert all(text[s.start : s.end].lower().startswith("<seq>") for s in spans)
+
+
+def test_strip_markup_leaves_no_protein_markup_for_the_processor():
+    from protein_llava.sequences import find_seq_spans, strip_markup
+
+    reply = "It binds <SEQ> M K </seq> and <protein><protein> here </Seq>"
+    stripped = strip_markup(reply, "<protein>")
+    assert stripped == "It binds  M K  and  here "
+    assert find_seq_spans(stripped) == []

@@ -9,7 +9,6 @@ line per answer so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import torch
 
 from ..data.prompts import user_message
 from ..loading import PROTEIN_LLM_MODEL_TYPE, load_model, saved_model_type
-from ..sequences import CheckedSequence, ProteinSequenceError, check_sequence
+from ..sequences import CheckedSequence, ProteinSequenceError, check_sequence, strip_markup
 
 
 class Answerer:
@@ -134,12 +133,9 @@ class ChatSession:
         messages = [*self.messages, {"role": "user", "content": content}]
         answer = self.answerer.answer([self.answerer.render(messages)], self.max_new_tokens)[0]
         # The history is parsed again next turn: a reply must not read as protein markup.
-        safe = _SEQ_TAG.sub("", answer).replace(self.answerer.processor.protein_token, "")
+        safe = strip_markup(answer, self.answerer.processor.protein_token)
         self.messages = [*messages, {"role": "assistant", "content": safe}]
         return answer
-
-
-_SEQ_TAG = re.compile(r"</?seq>", re.IGNORECASE)
 
 
 # --- FASTA records → validated queries

@@ -13,7 +13,6 @@ time (Gradio's default concurrency of 1), so the one model is never asked two th
 """
 
 import io
-import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..data.prompts import TEMPLATES, user_message
 from .predict import Answerer, FastaRecord, Query, check_records
-from ..sequences import ProteinSequenceError, SequenceReason
+from ..sequences import ProteinSequenceError, SequenceReason, strip_markup
 
 RAW_ID = "query"  # the id a pasted sequence without a FASTA header gets, as `predict --sequence` gives it
 
@@ -114,9 +113,6 @@ def describe_protein(query: Query | None, processor) -> str:
 # --- the conversation
 
 
-_SEQ_TAG = re.compile(r"</?seq>", re.IGNORECASE)
-
-
 def message_text(message: dict) -> str:
     """A chat message's text: Gradio hands content back as a list of {"type": "text"} parts."""
     content = message["content"]
@@ -134,7 +130,7 @@ def model_messages(history: list[dict], residues: str | None, protein_token: str
         if message["role"] == "user" and not messages:
             text = user_message(text, residues)
         elif message["role"] == "assistant":
-            text = _SEQ_TAG.sub("", text).replace(protein_token, "")
+            text = strip_markup(text, protein_token)
         messages.append({"role": message["role"], "content": text})
     return messages
 
