@@ -1,5 +1,7 @@
 """lm-evaluation-harness's `local-completions` scores a live `protein-llava serve` on benchmark items with
-inline proteins: its option log-likelihoods equal a direct forward of the model, and so does its accuracy."""
+inline proteins: its option log-likelihoods equal a direct forward of the model, and so does its accuracy. On
+text-only items they equal lm-eval's own `hf` backend on the same weights, also where the model's next token
+after an option is a stop token (the server must still return that generated token)."""
 
 import dataclasses
 import json
