@@ -171,14 +171,18 @@ class ProteinLLMProcessor(ProcessorMixin):
             return_tensors=return_tensors,
             **tokenizer_kwargs,
         )
-        self._check_placeholder_counts(encoding["input_ids"], expanded)
+        self.check_placeholder_counts(encoding["input_ids"], expanded)
         data = dict(encoding)
         if all_residues:
             protein_input_ids = self.encode_proteins(all_residues)
             data["protein_input_ids"] = protein_input_ids if return_tensors == "pt" else protein_input_ids.tolist()
         return BatchFeature(data=data, tensor_type=None)
 
-    def _check_placeholder_counts(self, input_ids, expanded_texts: list[str]) -> None:
+    def check_placeholder_counts(self, input_ids, expanded_texts: list[str]) -> None:
+        """Raise ValueError where the token ids hold another number of placeholders than their text.
+
+        A fault of the tokenizer, never of the input (a literal placeholder in the input is refused before,
+        as bad_markup), so a caller reports it as its own error, not the client's."""
         # A tokenizer that splits "<protein>" or merges it with neighbours would silently misalign proteins.
         for index, (ids, sample) in enumerate(zip(input_ids, expanded_texts)):
             ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids

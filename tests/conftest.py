@@ -16,7 +16,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
-
 @pytest.fixture
 def tiny():
     """A fresh random tiny (model, processor); seed 0."""

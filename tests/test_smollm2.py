@@ -83,3 +83,20 @@ def test_the_bare_decoder_saves_as_a_plain_transformers_folder(smollm2, tmp_path
     ids = processor.tokenizer("Which amino acid carries a thiol group?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(again(ids).logits, decoder(ids).logits)
+
+
+def test_the_dequantized_cache_holds_what_the_gguf_gives():
+    """`load_smollm2` reads a folder written once from the GGUF; it must hold the GGUF's tensors and tokenizer."""
+    from protein_llava.builders import load_smollm2
+
+    cached_decoder, cached_tokenizer = load_smollm2()
+    decoder, tokenizer = load_smollm2(cache=False)
+    ours, theirs = cached_decoder.state_dict(), decoder.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert cached_decoder.generation_config.to_dict() == decoder.generation_config.to_dict()
+    text = f"<|im_start|>user\nIs <seq> {P1} </seq> Ä µ 12 a kinase?<|im_end|>\n"
+    assert cached_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert cached_tokenizer.special_tokens_map == tokenizer.special_tokens_map
+    assert cached_tokenizer.chat_template == tokenizer.chat_template
+    assert len(cached_tokenizer) == len(tokenizer)

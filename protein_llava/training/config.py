@@ -225,6 +225,9 @@ class Stage2Settings(StageSettings):
     loss_on: str = "sft"
     projector_lr: float | None = 1.0e-4
     """The projector's own peak learning rate (LLaVA's mm_projector_lr); null: stage2.lr."""
+    summary_lr: float | None = None
+    """The summary token's projection's own peak learning rate; null: as the rest of the projector. Unlike
+    the residue tokens it holds no alignment that a high rate would erode."""
     llm: str = "lora"
     """lora | qlora (LoRA on a bitsandbytes 4-bit NF4 decoder; CPU or GPU) | full | frozen."""
     encoder: str = "frozen"

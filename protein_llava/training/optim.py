@@ -18,6 +18,8 @@ class OptimConfig:
             warm-up simply ends while still warming up).
         betas: AdamW betas. max_nonfinite_in_a_row: stop after this many consecutive skipped steps.
         projector_lr: the projector's own peak learning rate (None: `lr`), same schedule.
+        summary_lr: the summary token's projection's own peak learning rate (None: as the rest of the
+            projector), same schedule.
     """
 
     lr: float = 1e-3
@@ -27,12 +29,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     max_nonfinite_in_a_row: int = 5
     projector_lr: float | None = None
+    summary_lr: float | None = None
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.projector_lr is not None and self.projector_lr <= 0:
             raise ValueError(f"projector_lr must be > 0 or null, got {self.projector_lr}")
+        if self.summary_lr is not None and self.summary_lr <= 0:
+            raise ValueError(f"summary_lr must be > 0 or null, got {self.summary_lr}")
         if self.total_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.total_steps}")
         if self.warmup_steps < 0:
@@ -41,29 +46,36 @@ class OptimConfig:
             raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {self.max_nonfinite_in_a_row}")
 
 
-def configure_adamw(parameters, config: OptimConfig, projector_parameters=()):
+def configure_adamw(parameters, config: OptimConfig, projector_parameters=(), summary_parameters=()):
     """AdamW over the trainable parameters + warm-up/cosine schedule, stepped every optimizer step.
 
-    `projector_parameters` (a subset of `parameters`) train at `config.projector_lr` when it is set.
+    `projector_parameters` (a subset of `parameters`) train at `config.projector_lr` when it is set, and
+    `summary_parameters` (a subset of those) at `config.summary_lr` when that is set.
     """
+    summary_ids = {id(p) for p in summary_parameters} if config.summary_lr is not None else set()
     projector_ids = {id(p) for p in projector_parameters} if config.projector_lr is not None else set()
-    decay, no_decay, projector_decay, projector_no_decay = [], [], [], []
+    groups_by_lr: dict[str, tuple[float | None, list, list]] = {
+        "base": (None, [], []),
+        "projector": (config.projector_lr, [], []),
+        "summary": (config.summary_lr, [], []),
+    }
     for parameter in parameters:
         if not parameter.requires_grad:
             continue
-        if id(parameter) in projector_ids:
-            (projector_no_decay if parameter.ndim < 2 else projector_decay).append(parameter)
-        else:
-            (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    if not (decay or no_decay or projector_decay or projector_no_decay):
+        key = "summary" if id(parameter) in summary_ids else "projector" if id(parameter) in projector_ids else "base"
+        groups_by_lr[key][2 if parameter.ndim < 2 else 1].append(parameter)
+    if not any(decay or no_decay for _, decay, no_decay in groups_by_lr.values()):
         raise ValueError("nothing to train: every parameter is frozen")
     # No weight decay on biases and norms. The first two groups are always there, so optimizer states of
-    # runs without a projector_lr keep their layout (resume).
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if projector_decay or projector_no_decay:
+    # runs without a projector_lr or summary_lr keep their layout (resume).
+    groups = []
+    for key, (lr, decay, no_decay) in groups_by_lr.items():
+        if key != "base" and not (decay or no_decay):
+            continue
+        lr_setting = {} if lr is None else {"lr": lr}
         groups += [
-            {"params": projector_decay, "weight_decay": config.weight_decay, "lr": config.projector_lr},
-            {"params": projector_no_decay, "weight_decay": 0.0, "lr": config.projector_lr},
+            {"params": decay, "weight_decay": config.weight_decay, **lr_setting},
+            {"params": no_decay, "weight_decay": 0.0, **lr_setting},
         ]
     optimizer = torch.optim.AdamW(
         groups,

@@ -84,6 +84,7 @@ def optim_config(config: TrainConfig) -> OptimConfig:
             total_steps=config.max_steps,
             max_nonfinite_in_a_row=settings.max_nonfinite_in_a_row,
             projector_lr=getattr(settings, "projector_lr", None),
+            summary_lr=getattr(settings, "summary_lr", None),
         )
     except ValueError as error:
         raise ValueError(f"{key}.{error}") from error

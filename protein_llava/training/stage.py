@@ -248,8 +248,14 @@ class StageModule(L.LightningModule):
         self.guard.check_gradients(self.model)
 
     def configure_optimizers(self):
-        projector = self.model.projector.parameters() if isinstance(self.model, ProteinLLM) else ()
-        return configure_adamw(self.model.parameters(), self.optim, projector_parameters=projector)
+        projector = self.model.projector if isinstance(self.model, ProteinLLM) else None
+        summary = projector.summary_projection if projector is not None else None
+        return configure_adamw(
+            self.model.parameters(),
+            self.optim,
+            projector_parameters=projector.parameters() if projector is not None else (),
+            summary_parameters=summary.parameters() if summary is not None else (),
+        )
 
     def on_fit_start(self):
         # Lightning keeps each module's mode as it finds it, and from_pretrained hands over eval-mode

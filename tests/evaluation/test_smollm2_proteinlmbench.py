@@ -21,24 +21,26 @@ pytestmark = pytest.mark.slow
 CONFIG = EvalConfig(model="smollm2", baseline=None, progress=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def benchmark():
     if not SAMPLE.is_file():
         pytest.skip(f"shared reference data not found: {SAMPLE.resolve()} (the sample is read in place, never copied)")
     return load_proteinlmbench(str(SAMPLE))
 
 
-@pytest.fixture(scope="module")
-def smollm2():
+@pytest.fixture(scope="session")
+def smollm2_arm():
     try:
         return load_arm("model", "smollm2")
     except FileNotFoundError as error:
         pytest.skip(f"SmolLM2-135M-Instruct is not installed: {error}")
 
 
-@pytest.fixture(scope="module")
-def result(benchmark, smollm2):
-    return evaluate_arm(smollm2, benchmark.items, CONFIG)
+# Session scope: `make test` runs pytest-xdist workers, which interleave modules; a module-scoped run would
+# be torn down and built again when a test of its module comes back to a worker.
+@pytest.fixture(scope="session")
+def result(benchmark, smollm2_arm):
+    return evaluate_arm(smollm2_arm, benchmark.items, CONFIG)
 
 
 def test_all_sixty_items_scored(benchmark, result):
@@ -57,9 +59,9 @@ def test_all_sixty_items_scored(benchmark, result):
         assert sum(prediction["probabilities"]) == pytest.approx(1.0)
 
 
-def test_rerun_gives_the_same_answers(benchmark, smollm2, result):
+def test_rerun_gives_the_same_answers(benchmark, smollm2_arm, result):
     items = benchmark.items[:8]
-    again = evaluate_arm(smollm2, items, CONFIG)  # other batches than the full run: only float noise may differ
+    again = evaluate_arm(smollm2_arm, items, CONFIG)  # other batches than the full run: only float noise may differ
     for item in items:
         first, second = result.predictions[item.item_id], again.predictions[item.item_id]
         assert second["scores"] == pytest.approx(first["scores"], abs=1e-4)
@@ -68,8 +70,8 @@ def test_rerun_gives_the_same_answers(benchmark, smollm2, result):
             assert second["predicted"] == first["predicted"]
 
 
-def test_fast_path_equals_reference_on_real_weights(benchmark, smollm2):
+def test_fast_path_equals_reference_on_real_weights(benchmark, smollm2_arm):
     item = min(benchmark.items, key=lambda i: len(official_prompt(i.question, i.options)))
     text = official_prompt(item.question, item.options)
-    fast = score_options(smollm2, [text], [item.num_options])[0]
-    assert fast == pytest.approx(score_options_reference(smollm2, text, item.num_options), abs=1e-4)
+    fast = score_options(smollm2_arm, [text], [item.num_options])[0]
+    assert fast == pytest.approx(score_options_reference(smollm2_arm, text, item.num_options), abs=1e-4)

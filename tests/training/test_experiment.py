@@ -37,7 +37,9 @@ def test_eval_steps_include_the_start_and_the_end():
         ExperimentConfig(train_overrides=("stage2.contrast_weight=1.0",), train_config_dir=str(CONFIG_DIR))
 
 
-@pytest.fixture(scope="module")
+# Session scope: `make test` runs pytest-xdist workers, which interleave modules; a module-scoped run would
+# be torn down and built again when a test of its module comes back to a worker.
+@pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment") / "seed3"
     config = ExperimentConfig(

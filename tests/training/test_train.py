@@ -30,7 +30,9 @@ def run_script(args, cwd=ROOT, timeout=300, check=True):
     return result
 
 
-@pytest.fixture(scope="module")
+# Session scope: `make test` runs pytest-xdist workers, which interleave modules; a module-scoped run would
+# be torn down and built again when a test of its module comes back to a worker.
+@pytest.fixture(scope="session")
 def two_stage_run(tmp_path_factory):
     """`python train.py stage=1` then `stage=2`, literally, on the tiny preset (stage 2 finds stage 1 by default)."""
     checkpoints = tmp_path_factory.mktemp("checkpoints")

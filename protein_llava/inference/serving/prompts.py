@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...sequences import ProteinSequenceError, find_seq_spans
+from ...sequences import ProteinSequenceError, SequenceReason, find_seq_spans
 
 
 class PromptError(ValueError):
@@ -54,10 +54,7 @@ def prepare_rendered_prompt(processor, text: str, record: str) -> PreparedPrompt
     except ProteinSequenceError as error:
         raise PromptError(str(error.reason), str(error)) from error
     ids = processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
-    try:
-        processor._check_placeholder_counts([ids], [expanded])  # the processor's own guard, as for any batch
-    except ValueError as error:
-        raise PromptError("placeholder_in_prompt", f"{record}: {error}") from error
+    processor.check_placeholder_counts([ids], [expanded])  # the processor's own guard, as for any batch
     return PreparedPrompt(input_ids=list(ids), proteins=proteins)
 
 
@@ -66,7 +63,7 @@ def prepare_text_prompt(processor, text: str, record: str) -> PreparedPrompt:
     does), then handled exactly like token ids, so both forms of one prompt give one model input."""
     if processor.protein_token in text:
         raise PromptError(
-            "placeholder_in_prompt",
+            str(SequenceReason.BAD_MARKUP),  # the processor's code for the same fault
             f"{record} contains {processor.protein_token!r} literally; write proteins as <seq> ... </seq>",
         )
     ids = processor.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -91,7 +88,7 @@ def prepare_token_prompt(processor, client_ids: Sequence[int], record: str) -> P
             )
         if token == processor.protein_token_id:
             raise PromptError(
-                "placeholder_in_prompt",
+                str(SequenceReason.BAD_MARKUP),
                 f"{record} token {index} is the {processor.protein_token} placeholder; write proteins as <seq> ... </seq>",
             )
     client_ids = list(client_ids)

@@ -5,6 +5,7 @@ from sample_proteins import P1
 
 from protein_llava.data.prompts import TEMPLATES, user_message
 from protein_llava.evaluation.benchmarks import official_prompt
+from protein_llava.sequences import ProteinSequenceError
 from protein_llava.inference.serving.prompts import (
     PromptError,
     decode_with_offsets,
@@ -101,9 +102,16 @@ def test_bad_token_prompts_are_refused_with_a_reason(tiny, ids, reason, detail):
 
 def test_placeholder_and_bad_markup_are_refused(tiny):
     _, processor = tiny
+    # A literal placeholder is bad markup here as in the processor: one code per fault.
     with pytest.raises(PromptError) as caught:
         prepare_token_prompt(processor, [processor.protein_token_id], "prompt[0]")
-    assert caught.value.reason == "placeholder_in_prompt"
+    assert caught.value.reason == "bad_markup"
+    with pytest.raises(PromptError, match="contains '<protein>' literally") as caught:
+        prepare_text_prompt(processor, "a <protein> b", "prompt[0]")
+    assert caught.value.reason == "bad_markup"
+    with pytest.raises(ProteinSequenceError, match="appears literally") as caught:
+        processor(text=["a <protein> b"])
+    assert str(caught.value.reason) == "bad_markup"
     with pytest.raises(PromptError, match="never closed") as caught:
         prepare_text_prompt(processor, "a <seq> M K", "prompt[0]")
     assert caught.value.reason == "bad_markup"
