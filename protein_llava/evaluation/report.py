@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .benchmarks import Benchmark, BenchmarkItem
+from .benchmarks import Benchmark, BenchmarkItem, FlaggedItem
 from .config import BASELINE_ARM, MODEL_ARM
 from .statistics import accuracy, bootstrap_ci, mcnemar_exact
 
 if TYPE_CHECKING:
     from .config import EvalConfig
-    from .runner import ArmResult
+
+
+@dataclass
+class ArmResult:
+    """An arm's predictions (one dict per item it could read, keyed by item id) and the items it could not."""
+
+    name: str
+    source: str
+    multimodal: bool
+    predictions: dict[str, dict] = field(default_factory=dict)
+    unreadable: list[FlaggedItem] = field(default_factory=list)
 
 
 def _distribution(values) -> dict[str, int]:
@@ -322,6 +332,7 @@ def write_report(report: dict, predictions: list[dict], flagged: list[dict], out
 
 __all__ = [
     "ALL_TYPES",
+    "ArmResult",
     "ArmScore",
     "ReportSummary",
     "accuracy_by_type",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
 
 import torch
 
@@ -25,20 +24,9 @@ from .benchmarks import (
 )
 from .config import ABLATED_SUFFIX, MODEL_ARM, PROBE_ARM, RETRIEVAL_ARM, BenchmarkConfig, EvalConfig
 from .probe import PROBE_C, LinearProbe, load_labelled_proteins
-from .report import build_report, write_report
+from .report import ArmResult, build_report, write_report
 from .retrieval import load_training_proteins, retrieval_predictions
 from .scoring import generate_answers, option_probabilities, score_continuations, score_options
-
-
-@dataclass
-class ArmResult:
-    """An arm's predictions (one dict per item it could read, keyed by item id) and the items it could not."""
-
-    name: str
-    source: str
-    multimodal: bool
-    predictions: dict[str, dict] = field(default_factory=dict)
-    unreadable: list[FlaggedItem] = field(default_factory=list)
 
 
 def load_benchmark(config: BenchmarkConfig, limit: int | None = None) -> Benchmark:

@@ -7,7 +7,7 @@ import json
 from protein_llava.evaluation.benchmarks import Benchmark, BenchmarkItem, FlaggedItem
 from protein_llava.evaluation.config import EvalConfig
 from protein_llava.evaluation.report import build_report, write_report
-from protein_llava.evaluation.runner import ArmResult
+from protein_llava.evaluation.report import ArmResult
 
 ARM_KEYS = {"accuracy", "ci95", "n_scored", "n_flagged", "n_unparseable", "predicted_distribution", "mcnemar_p"}
 
