@@ -241,8 +241,10 @@ def find_stage1_run(run: Path, config, given: Path | None) -> Path | None:
     if config is not None:
         if config.stage2.projector:
             candidates.append(Path(config.stage2.projector).parent)
-        name = config.model.name
-        candidates += [run.parent / f"{name}-stage1", Path(config.checkpoints_dir) / f"{name}-stage1"]
+        from .training.config import default_run_name
+
+        name = default_run_name(config.model.name, 1)
+        candidates += [run.parent / name, Path(config.checkpoints_dir) / name]
     return next((candidate for candidate in candidates if _stage1_summary(candidate) is not None), None)
 
 

@@ -287,7 +287,7 @@ class TrainConfig:
     """1: align the projector; 2: instruction tuning (projector + LoRA)."""
     seed: int = 0
     checkpoints_dir: str = "checkpoints"
-    run_name: str = "${model.name}-stage${stage}"
+    run_name: str = "${model.name}-stage${stage}"  # = default_run_name(model.name, stage), as Hydra spells it
     out: str = "${checkpoints_dir}/${run_name}"
     """The run folder."""
     resume: str | None = None
@@ -327,6 +327,12 @@ class TrainConfig:
     @property
     def max_steps(self) -> int:
         return self.trainer.max_steps if self.trainer.max_steps is not None else self.stage_settings.max_steps
+
+
+def default_run_name(model_name: str, stage: int) -> str:
+    """A run's folder name under checkpoints_dir by default: where stage 2 and `protein-llava export` look
+    for stage 1 (`TrainConfig.run_name` is the same name as a Hydra interpolation)."""
+    return f"{model_name}-stage{stage}"
 
 
 def register_configs() -> None:

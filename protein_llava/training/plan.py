@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from ..configuration import ProteinLLMConfig
 from ..loading import DTYPES
 from .checkpointing import PROJECTOR_FILE, check_projector_file, resolve_resume
-from .config import TrainConfig, to_train_config
+from .config import TrainConfig, default_run_name, to_train_config
 from .optim import OptimConfig
 from .stage import STAGE1, StageSpec, stage2_spec
 
@@ -103,7 +103,7 @@ def expected_model_config(config: TrainConfig) -> ProteinLLMConfig:
 def stage1_projector_path(config: TrainConfig) -> Path:
     if config.stage2.projector is not None:
         return Path(config.stage2.projector)
-    return Path(config.checkpoints_dir) / f"{config.model.name}-stage1" / PROJECTOR_FILE
+    return Path(config.checkpoints_dir) / default_run_name(config.model.name, 1) / PROJECTOR_FILE
 
 
 def _check_environment(config: TrainConfig, spec: StageSpec) -> None:

@@ -43,6 +43,11 @@ def test_every_option_composes_and_resolves(group, option, stage):
 def test_literal_stage_commands_are_plain_keys():
     assert compose_train(["stage=1"]).run_name == "smollm2-demo-stage1"
     assert compose_train(["stage=2", "model=text-only"]).run_name == "text-only-stage2"
+    # The interpolation and the function that stage 2 and `export` find stage 1 by spell one name.
+    from protein_llava.training.config import default_run_name
+
+    for stage, model in ((1, "tiny"), (2, "smollm2-demo"), (2, "text-only")):
+        assert compose_train([f"stage={stage}", f"model={model}"]).run_name == default_run_name(model, stage)
     with pytest.raises(ValueError, match="stage must be one of 1, 2; got 3"):
         resolve_plan(compose_train(["stage=3", "model=tiny"]))
 
