@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BatchEncoding
 
+from ..inference.predict import stop_token_ids
 from .arms import Arm
 from .benchmarks import ANSWER_ANCHOR
 
@@ -341,7 +342,14 @@ def generate_answers(
         generation_config.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     else:
         generation_config.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-    generation_config.update(max_new_tokens=max_new_tokens, pad_token_id=arm.tokenizer.pad_token_id)
+    # The stops every other generating path uses (EOS of config and tokenizer, ChatML's end of turn):
+    # without them a chat model's answer runs on past its turn into whatever it would say next.
+    stops = stop_token_ids(arm.tokenizer, arm.model.generation_config)
+    generation_config.update(max_new_tokens=max_new_tokens, pad_token_id=arm.tokenizer.pad_token_id, eos_token_id=stops or None)
+    if arm.processor is not None:
+        # A generated placeholder would be read as a protein slot on the next step.
+        suppressed = list(generation_config.suppress_tokens or [])
+        generation_config.update(suppress_tokens=sorted({*suppressed, arm.processor.protein_token_id}))
     order = _length_order(texts)
     outputs: list[str | None] = [None] * len(texts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -172,6 +172,37 @@ def test_generation_is_repeatable_greedy_and_sampled(arms):
     assert all(isinstance(output, str) for output in greedy + sampled)
 
 
+def test_generation_stops_where_every_other_path_stops():
+    """Eval's generate mode ends an answer at the stops predict, chat and the server use (here ChatML's
+    end of turn, which the tiny model's generation config does not list) and never emits a placeholder."""
+    from protein_llava import build_tiny
+    from protein_llava.inference.predict import stop_token_ids
+
+    model, processor = build_tiny(seed=0)
+    model.eval()
+    arm = Arm("model", "tiny", model, processor.tokenizer, processor)
+    end_of_turn = processor.tokenizer.get_vocab()["<|im_end|>"]
+    assert end_of_turn not in (model.generation_config.eos_token_id or [])
+    text = PROMPTS[0][0]
+    encoding = arm.encode([text], True)
+    prompt_length = encoding["input_ids"].shape[1]
+
+    def greedy(**options):
+        return model.generate(**encoding, max_new_tokens=8, do_sample=False, **options)[0, prompt_length:].tolist()
+
+    # Make the end of turn the greedy choice where the third token was (a scaled copy of its output row).
+    third = greedy()[2]
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[end_of_turn] = head[third] * 1.05
+    plain = greedy()
+    stops = stop_token_ids(processor.tokenizer, model.generation_config)
+    cut = next(i for i, token in enumerate(plain) if token in stops)
+    assert plain[cut] == end_of_turn and 0 < cut < len(plain) - 1, plain  # a stop mid-answer, tokens after it
+    answer = generate_answers(arm, [text], max_new_tokens=8)[0]
+    assert answer == processor.tokenizer.decode(plain[:cut], skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("kind", ["multimodal", "text"])
 def test_description_scores_equal_a_full_forward_per_option(arms, kind):
     from protein_llava.evaluation.scoring import score_continuations
