@@ -82,7 +82,13 @@ def dequantized_smollm2_folder(cache_dir: Path | None = None) -> Path:
     folder = root / f"smollm2-135m-instruct-{size}-transformers-{transformers.__version__}"
     if (folder / "config.json").is_file():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(
+            f"cannot create the SmolLM2 cache folder {root} ({error}); set PROTEIN_LLAVA_CACHE to a writable "
+            "folder, or load with load_smollm2(cache=False)"
+        ) from error
     log.info("de-quantising SmolLM2-135M-Instruct from its GGUF once, into %s", folder)
     model, tokenizer = _load_smollm2_gguf(gguf_folder, torch.float32)
     partial = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=root))

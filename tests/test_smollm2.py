@@ -100,3 +100,13 @@ def test_the_dequantized_cache_holds_what_the_gguf_gives():
     assert cached_tokenizer.special_tokens_map == tokenizer.special_tokens_map
     assert cached_tokenizer.chat_template == tokenizer.chat_template
     assert len(cached_tokenizer) == len(tokenizer)
+
+
+def test_an_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
+    from protein_llava.builders import load_smollm2
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PROTEIN_LLAVA_CACHE", str(blocker / "cache"))
+    with pytest.raises(OSError, match="cannot create the SmolLM2 cache folder .*PROTEIN_LLAVA_CACHE"):
+        load_smollm2()
