@@ -70,8 +70,8 @@ def dequantized_smollm2_folder(cache_dir: Path | None = None) -> Path:
     """A transformers folder holding SmolLM2-135M-Instruct as `load_smollm2(cache=False)` de-quantises it
     (float32), written once per GGUF file and transformers version.
 
-    De-quantising the GGUF takes ~18 s on one core, loading this folder ~0.5 s, and every training stage,
-    evaluation and many tests load the decoder. The folder is written under a temporary name and renamed
+    De-quantising the GGUF takes ~20 s on one core, loading this folder under 1 s (bench/smollm2_load.py),
+    and every training stage, evaluation and many tests load the decoder. The folder is written under a temporary name and renamed
     when complete, so concurrent first loads (pytest-xdist workers) never read a partial one.
     """
     import transformers
@@ -108,7 +108,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache: bool = True) -> tupl
     """SmolLM2-135M-Instruct (real weights, de-quantised from GGUF) and its tokenizer.
 
     With `cache`, from the de-quantised folder (`dequantized_smollm2_folder`, written on first use): the
-    same tensors and tokenizer as the GGUF gives, in a thirtieth of the time.
+    same tensors and tokenizer as the GGUF gives, in a twentieth of the time or less.
     """
     if cache:
         folder = dequantized_smollm2_folder()

@@ -43,7 +43,7 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(bare SmolLM2 decoder, ProteinLLM around an independent copy of it, processor). Loaded once (~15 s)."""
+    """(bare SmolLM2 decoder, ProteinLLM around an independent copy of it, processor). Loaded once per worker (under 1 s from the de-quantised cache)."""
     decoder, tokenizer = load_smollm2()
     decoder.eval()
     torch.manual_seed(0)
