@@ -1,5 +1,5 @@
 """The learning experiment (one seed per run): both arms on the same demo records, held-out accuracy at
-fixed steps, the protein-ablation control and a retrieval arm. See protein_llava.training.experiment.
+fixed steps, the protein-ablation control and a retrieval arm. See protein_llava.experiment.learning.
 
     python experiment.py --seed 0                 # make experiment SEED=0
     python experiment.py --seed 1 --arms multimodal multimodal_encoder_lora
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from protein_llava.training.experiment import ARMS, ExperimentConfig, run_experiment
+from protein_llava.experiment.learning import ARMS, ExperimentConfig, run_experiment
 
 HERE = Path(__file__).resolve().parent
 

@@ -176,13 +176,13 @@ def compare_with_hf(args, task_folder: Path, add_bos: bool, served: dict, items)
     """lm-eval's own `hf` backend on the export's decoder, saved as a plain transformers folder: the same
     task, tokenizer and BOS setting as the run through the server, so every option log-likelihood and
     every prediction must agree."""
-    from protein_llava.inference.predict import Answerer
+    from protein_llava.loading import load_protein_llm
 
     decoder = args.out / "decoder"
-    answerer = Answerer.from_folder(args.model, device="cpu", dtype="float32")
-    answerer.model.language_model.save_pretrained(decoder)
-    answerer.processor.tokenizer.save_pretrained(decoder)
-    del answerer
+    loaded = load_protein_llm(args.model, device="cpu", dtype="float32")
+    loaded.model.language_model.save_pretrained(decoder)
+    loaded.processor.tokenizer.save_pretrained(decoder)
+    del loaded
     started = time.monotonic()
     run(
         [

@@ -34,7 +34,7 @@ from protein_llava.encoder import esm2_alphabet
 from protein_llava.evaluation.benchmarks import ablate_proteins, build_sequence_grounded
 from protein_llava.evaluation.probe import PROBE_C, PROBE_MAX_ITER, LinearProbe, load_labelled_proteins
 from protein_llava.evaluation.report import accuracy_by_type
-from protein_llava.training.experiment import ExperimentConfig, multimodal_encoder
+from protein_llava.experiment.learning import ExperimentConfig, multimodal_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -230,7 +230,7 @@ def bench_cpu_defaults(repeats: int) -> dict:
 def bench_loglik(model, processor, repeats: int) -> dict:
     """ProteinLMBench-style scoring: one prompt forward + one options forward vs one forward per option."""
     from protein_llava.evaluation import official_prompt, score_options, score_options_reference
-    from protein_llava.evaluation.arms import Arm
+    from protein_llava.loading import LoadedModel
 
     sample = ROOT.parent / "shared" / "data" / "proteinlmbench_sample.json"
     if sample.is_file():
@@ -241,7 +241,7 @@ def bench_loglik(model, processor, repeats: int) -> dict:
         texts = [official_prompt(f"Question {i} about protein folding " * 8, [f"option {n}: answer text {n}" for n in range(1, 7)]) for i in range(4)]
         counts = [6] * 4
     model.eval()
-    arm = Arm("bench", "random-init", model, processor.tokenizer, processor)
+    arm = LoadedModel(model, processor.tokenizer, processor, name="bench", source="random-init")
     fast = lambda: score_options(arm, texts, counts, batch_size=4)  # noqa: E731
     slow = lambda: [score_options_reference(arm, t, n) for t, n in zip(texts, counts)]  # noqa: E731
     t_fast, t_slow = alternate(fast, slow, 1)

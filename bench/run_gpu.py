@@ -121,11 +121,11 @@ def stage1(args) -> dict:
 
 def eval_944(args) -> dict:
     from protein_llava.evaluation import official_prompt, score_options
-    from protein_llava.evaluation.arms import Arm
+    from protein_llava.loading import LoadedModel
 
     model, processor = build("sdpa")
     model.eval()
-    arm = Arm("bench", "random-init", model, processor.tokenizer, processor)
+    arm = LoadedModel(model, processor.tokenizer, processor, name="bench", source="random-init")
     texts = [official_prompt(f"Question {i}: " + "which statement about this protein is right? " * 6, [f"option {n}: a statement" for n in range(1, 7)]) for i in range(944)]
     torch.cuda.synchronize()
     start = time.perf_counter()

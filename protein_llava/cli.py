@@ -35,16 +35,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_answerer(args):
-    from .inference.predict import Answerer
+def _load_protein_llm(args):
+    from .loading import load_protein_llm
 
     try:
-        answerer = Answerer.from_folder(args.model, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+        loaded = load_protein_llm(args.model, device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
     except (ValueError, FileNotFoundError, OSError) as error:
         raise CommandError(str(error)) from error
     if getattr(args, "overflow", None) is not None:
-        answerer.processor.overflow = args.overflow
-    return answerer
+        loaded.processor.overflow = args.overflow
+    return loaded
 
 
 def _positive(text: str) -> int:
@@ -76,7 +76,7 @@ def predict_command(args) -> int:
             raise CommandError(str(error)) from error
         out.parent.mkdir(parents=True, exist_ok=True)
     summary = predict_fasta(
-        _load_answerer(args),
+        _load_protein_llm(args),
         records,
         question,
         out,
@@ -110,7 +110,7 @@ def chat_command(args) -> int:
             raise CommandError(f"no record {args.record!r} in {args.fasta}")
         sequence = chosen[0].sequence
         print(f"protein: record {chosen[0].id} of {args.fasta}", file=sys.stderr)
-    session = ChatSession(_load_answerer(args), max_new_tokens=args.max_new_tokens)
+    session = ChatSession(_load_protein_llm(args), max_new_tokens=args.max_new_tokens)
     if sequence is not None:
         try:
             residues = session.load_protein(sequence)
@@ -175,7 +175,7 @@ def serve_command(args) -> int:
         raise CommandError(str(error)) from error
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(_load_answerer(args), limits, model_name=name, api_key=api_key)
+    app = create_app(_load_protein_llm(args), limits, model_name=name, api_key=api_key)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
             f"serve: listening on {args.host}, beyond this machine, without an API key "
@@ -200,7 +200,7 @@ def demo_command(args) -> int:
         settings = DemoSettings(max_new_tokens=args.max_new_tokens, max_new_tokens_limit=args.max_new_tokens_limit)
     except ValueError as error:
         raise CommandError(str(error)) from error
-    app = build_app(_load_answerer(args), settings, model_name=str(args.model))
+    app = build_app(_load_protein_llm(args), settings, model_name=str(args.model))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"demo: listening on {args.host}, beyond this machine; the demo has no authentication", file=sys.stderr)
     launch(app, host=args.host, port=args.port)

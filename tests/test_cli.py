@@ -16,7 +16,8 @@ from sample_proteins import P1, P2
 from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
 from protein_llava.cli import main
 from protein_llava.data.prompts import TEMPLATES, user_message
-from protein_llava.inference.predict import Answerer, ChatSession
+from protein_llava.inference.predict import ChatSession
+from protein_llava.loading import load_protein_llm
 from protein_llava.training.export import export_run
 
 R1, R2 = P1.replace(" ", ""), P2.replace(" ", "")
@@ -97,9 +98,9 @@ def test_predict_writes_jsonl_reports_the_bad_record_and_resumes(tiny_folder, tm
     assert [(r["id"], r["sequence_length"]) for r in rows] == [("sp|P1|ONE", len(R1)), ("two", len(R2)), ("three", 10)]
     assert all(r["question"] == TEMPLATES["function"] and isinstance(r["answer"], str) for r in rows)
     # Each answer is the one the protein gets alone, through the chat template.
-    answerer = Answerer.from_folder(tiny_folder, device="cpu")
-    prompt = answerer.render([{"role": "user", "content": user_message(TEMPLATES["function"], R2)}])
-    assert rows[1]["answer"] == answerer.answer([prompt], 5)[0]
+    loaded = load_protein_llm(tiny_folder, device="cpu")
+    prompt = loaded.render_chat([{"role": "user", "content": user_message(TEMPLATES["function"], R2)}])
+    assert rows[1]["answer"] == loaded.answer([prompt], 5)[0]
 
     errors = read_jsonl(tmp_path / "answers.errors.jsonl")
     assert [(e["id"], e["reason"]) for e in errors] == [("bad", "invalid_residue")]
@@ -144,7 +145,7 @@ def test_chat_reads_piped_stdin(tiny_folder):
     )
     assert result.returncode == 0, result.stderr
     # The same conversation in-process: history kept, the protein swapped, the bad one refused.
-    session = ChatSession(Answerer.from_folder(tiny_folder, device="cpu"), max_new_tokens=4)
+    session = ChatSession(load_protein_llm(tiny_folder, device="cpu"), max_new_tokens=4)
     session.load_protein(R1)
     expected = [session.ask("What does this protein do?"), session.ask("Is it an enzyme?")]
     session.load_protein(R2)

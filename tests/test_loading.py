@@ -1,4 +1,4 @@
-"""protein_llava.loading: the one loader under predict's Answerer and eval's Arm; dtype names; the "auto" device."""
+"""protein_llava.loading: the one loader and `LoadedModel`, held by predict, chat, serve, the web demo and eval; dtype names; the "auto" device."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from protein_llava.loading import (
     load_model,
     resolve_device,
     saved_model_type,
+    load_protein_llm,
     torch_dtype,
 )
-from protein_llava.inference.predict import Answerer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,11 +60,11 @@ def test_a_text_folder_loads_text_only_with_a_pad_token(text_folder):
     assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token is not None
 
 
-def test_the_answerer_refuses_a_text_folder(text_folder, tmp_path):
+def test_load_protein_llm_refuses_a_text_folder(text_folder, tmp_path):
     with pytest.raises(ValueError, match="holds a 'llama' model, not a ProteinLLM"):
-        Answerer.from_folder(text_folder, device="cpu")
+        load_protein_llm(text_folder, device="cpu")
     with pytest.raises(FileNotFoundError, match="is not a saved model folder"):
-        Answerer.from_folder(tmp_path, device="cpu")
+        load_protein_llm(tmp_path, device="cpu")
 
 
 def test_ensure_pad_token_keeps_an_existing_one():
@@ -73,3 +73,23 @@ def test_ensure_pad_token_keeps_an_existing_one():
     before = tokenizer.pad_token
     ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == before != tokenizer.eos_token
+
+
+def test_one_generation_path_for_both_kinds_of_model(tiny_folder, text_folder):
+    """`LoadedModel` is what predict, chat, serve, the web demo and eval all hold: its stops, `generate`
+    settings and reply text are the ones every caller uses, for a ProteinLLM and a text-only model alike."""
+    multimodal, text = load_model(tiny_folder, device="cpu"), load_model(text_folder, device="cpu")
+    assert multimodal.generation_options()["suppress_tokens"] == [multimodal.processor.protein_token_id]
+    assert "suppress_tokens" not in text.generation_options()  # no placeholder to guard
+    stop = multimodal.stop_token_ids[0]
+    assert multimodal.reply_tokens([5, 6, stop, 7, stop]) == ([5, 6], True)
+    assert multimodal.reply_tokens([5, 6]) == ([5, 6], False)
+    assert multimodal.reply_text([5, 6, stop, 7]) == multimodal.tokenizer.decode([5, 6], skip_special_tokens=True)
+    # The text-only model answers through the same path; its answer equals a plain greedy generate cut there.
+    prompt = "a b c"
+    answer = text.answer([prompt], max_new_tokens=5)[0]
+    ids = text.tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    plain = text.model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=text.pad_token_id, eos_token_id=text.stop_token_ids)
+    assert answer == text.reply_text(plain[0, ids["input_ids"].shape[1] :].tolist()).strip()
+    with pytest.raises(ValueError, match="text-only model: it takes no protein"):
+        text.max_residues

@@ -7,7 +7,8 @@ training protein; probe: a logistic regression on the model's frozen encoder fea
 (bootstrap interval, exact McNemar), report.
 """
 
-from .arms import SMOLLM2, Arm, check_model_source, load_arm
+from ..loading import LoadedModel
+from .arms import SMOLLM2, check_model_source, load_arm
 from .benchmarks import (
     ANSWER_ANCHOR,
     OFFICIAL_INSTRUCTION,
@@ -39,7 +40,7 @@ __all__ = [
     "ANSWER_ANCHOR",
     "OFFICIAL_INSTRUCTION",
     "SMOLLM2",
-    "Arm",
+    "LoadedModel",
     "Benchmark",
     "BenchmarkConfig",
     "BenchmarkItem",

@@ -7,7 +7,8 @@ import gc
 import torch
 
 from ..loading import is_protein_llm_folder
-from .arms import Arm, check_model_source, load_arm
+from ..loading import LoadedModel
+from .arms import check_model_source, load_arm
 from .benchmarks import (
     ANSWER_ANCHOR,
     Benchmark,
@@ -38,14 +39,14 @@ def load_benchmark(config: BenchmarkConfig, limit: int | None = None) -> Benchma
     raise ValueError(f"unknown benchmark {config.name!r}")
 
 
-def item_prompt(arm: Arm, item: BenchmarkItem, config: EvalConfig) -> str:
+def item_prompt(arm: LoadedModel, item: BenchmarkItem, config: EvalConfig) -> str:
     """The text `arm` reads for `item`. In chat + loglik mode the assistant turn starts with the answer
     anchor, so that option numbers are scored right after "The correct option is:" as in raw mode."""
     prefix = ANSWER_ANCHOR if config.prompt_format == "chat" and config.mode == "loglik" else ""
     return arm.render(official_prompt(item.question, item.options), config.prompt_format, assistant_prefix=prefix)
 
 
-def evaluate_arm(arm: Arm, items: list[BenchmarkItem], config: EvalConfig, name: str | None = None) -> ArmResult:
+def evaluate_arm(arm: LoadedModel, items: list[BenchmarkItem], config: EvalConfig, name: str | None = None) -> ArmResult:
     """Score `items` with `arm`: per item the predicted option number and whether it is the gold one.
 
     `name` names the result (default: the arm's name), e.g. for the same arm on the ablated items.
@@ -96,7 +97,7 @@ def evaluate_arm(arm: Arm, items: list[BenchmarkItem], config: EvalConfig, name:
 
 
 def _permutation_probabilities(
-    arm: Arm, items: list[BenchmarkItem], scores: list[list[float]], config: EvalConfig
+    arm: LoadedModel, items: list[BenchmarkItem], scores: list[list[float]], config: EvalConfig
 ) -> list[list[float]]:
     """Per item, option probabilities averaged over all K cyclic shifts of its options (shift 0 = `scores`),
     each mapped back to the original option order."""
@@ -127,7 +128,7 @@ def check_probe_model(config: EvalConfig) -> None:
         )
 
 
-def probe_results(arm: Arm, item_sets: dict[str, list[BenchmarkItem]], config: EvalConfig) -> list[ArmResult]:
+def probe_results(arm: LoadedModel, item_sets: dict[str, list[BenchmarkItem]], config: EvalConfig) -> list[ArmResult]:
     """The probe arm on every item set: fit once on the training records with `arm`'s encoder features."""
     encoder = arm.model.protein_encoder
     probe = LinearProbe.fit(encoder, load_labelled_proteins(config.benchmark.train_paths))

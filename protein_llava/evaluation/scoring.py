@@ -31,8 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BatchEncoding
 
-from ..inference.predict import stop_token_ids
-from .arms import Arm
+from ..loading import LoadedModel
 from .benchmarks import ANSWER_ANCHOR
 
 _BYTE_DIGIT = re.compile(r"^<0x3[0-9]>$")  # SentencePiece byte-fallback pieces for "0".."9"
@@ -66,7 +65,7 @@ def digit_token_mask(tokenizer, vocab_size: int) -> torch.Tensor:
     return mask
 
 
-def _vocab_size(arm: Arm) -> int:
+def _vocab_size(arm: LoadedModel) -> int:
     return arm.model.get_output_embeddings().weight.shape[0]
 
 
@@ -96,7 +95,7 @@ MIN_SHARED_PREFIX = 8  # below this, copying the cache costs about what it saves
 
 
 @torch.no_grad()
-def shared_prefix(arm: Arm, encodings: Sequence[BatchEncoding]) -> SharedPrefix | None:
+def shared_prefix(arm: LoadedModel, encodings: Sequence[BatchEncoding]) -> SharedPrefix | None:
     """The longest token prefix common to every prompt (stopping before any protein placeholder and
     leaving each prompt at least one token of its own), run through the model once; None if short."""
     rows = [ids[mask.bool()].tolist() for e in encodings for ids, mask in zip(e["input_ids"], e["attention_mask"])]
@@ -114,7 +113,7 @@ def shared_prefix(arm: Arm, encodings: Sequence[BatchEncoding]) -> SharedPrefix 
     return SharedPrefix(length, arm.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache)
 
 
-def _run_prompts(arm: Arm, encoding: BatchEncoding, prefix: SharedPrefix | None):
+def _run_prompts(arm: LoadedModel, encoding: BatchEncoding, prefix: SharedPrefix | None):
     """Forward the prompts of a left-padded batch; returns (output with cache, context mask (B, C)).
 
     Without a prefix: a plain forward, C = P. With one: only the tokens after the shared prefix run, on a
@@ -155,13 +154,13 @@ def _run_prompts(arm: Arm, encoding: BatchEncoding, prefix: SharedPrefix | None)
     return out, context
 
 
-def _dtype(arm: Arm) -> torch.dtype:
+def _dtype(arm: LoadedModel) -> torch.dtype:
     return arm.model.get_output_embeddings().weight.dtype
 
 
 @torch.no_grad()
 def _score_batch(
-    arm: Arm,
+    arm: LoadedModel,
     encoding: BatchEncoding,
     option_tokens: list[list[list[int]]],
     digit_mask: torch.Tensor | None,
@@ -227,7 +226,7 @@ def _score_batch(
 
 
 def score_options(
-    arm: Arm,
+    arm: LoadedModel,
     texts: Sequence[str],
     num_options: Sequence[int],
     add_special_tokens: bool = True,
@@ -265,7 +264,7 @@ def score_options(
 
 
 def score_continuations(
-    arm: Arm,
+    arm: LoadedModel,
     texts: Sequence[str],
     continuations: Sequence[Sequence[str]],
     add_special_tokens: bool = True,
@@ -301,7 +300,7 @@ def score_continuations(
 
 
 @torch.no_grad()
-def score_options_reference(arm: Arm, text: str, num_options: int, add_special_tokens: bool = True) -> list[float]:
+def score_options_reference(arm: LoadedModel, text: str, num_options: int, add_special_tokens: bool = True) -> list[float]:
     """The same scores as `score_options`, the slow obvious way: one full forward per option."""
     digit_mask = digit_token_mask(arm.tokenizer, _vocab_size(arm)).to(arm.device)
     encoding = arm.encode([text], add_special_tokens)
@@ -326,7 +325,7 @@ def option_probabilities(scores: Sequence[float]) -> list[float]:
 
 @torch.no_grad()
 def generate_answers(
-    arm: Arm,
+    arm: LoadedModel,
     texts: Sequence[str],
     add_special_tokens: bool = True,
     max_new_tokens: int = 20,
@@ -337,29 +336,24 @@ def generate_answers(
 ) -> list[str]:
     """The text each prompt generates (prompt removed). Greedy when `temperature` is 0; otherwise sampled
     at that temperature, seeded per batch from `seed` so a rerun gives the same outputs."""
-    generation_config = copy.deepcopy(arm.model.generation_config)
+    # The settings and stops of every other generating path (`LoadedModel.generation_options`): without the
+    # end-of-turn stop a chat model's answer runs on past its turn into whatever it would say next.
     if temperature > 0:
-        generation_config.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     else:
-        generation_config.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-    # The stops every other generating path uses (EOS of config and tokenizer, ChatML's end of turn):
-    # without them a chat model's answer runs on past its turn into whatever it would say next.
-    stops = stop_token_ids(arm.tokenizer, arm.model.generation_config)
-    generation_config.update(max_new_tokens=max_new_tokens, pad_token_id=arm.tokenizer.pad_token_id, eos_token_id=stops or None)
-    if arm.processor is not None:
-        # A generated placeholder would be read as a protein slot on the next step.
-        suppressed = list(generation_config.suppress_tokens or [])
-        generation_config.update(suppress_tokens=sorted({*suppressed, arm.processor.protein_token_id}))
+        sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     order = _length_order(texts)
     outputs: list[str | None] = [None] * len(texts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch_index, batch in enumerate(tqdm(batches, desc=f"{arm.name} generate", disable=not progress)):
         encoding = arm.encode([texts[i] for i in batch], add_special_tokens)
         torch.manual_seed(seed + batch_index)
-        generated = arm.model.generate(**encoding, generation_config=generation_config)
-        new_tokens = generated[:, encoding["input_ids"].shape[1] :]  # (B, new)
-        for index, text in zip(batch, arm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            outputs[index] = text
+        generated = arm.model.generate(
+            **encoding, max_new_tokens=max_new_tokens, **sampling, **arm.generation_options()
+        )
+        new_tokens = generated[:, encoding["input_ids"].shape[1] :].tolist()  # (B, new)
+        for index, tokens in zip(batch, new_tokens):
+            outputs[index] = arm.reply_text(tokens)
     return outputs
 
 

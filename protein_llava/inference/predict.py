@@ -1,7 +1,7 @@
-"""Answers about proteins: prompts through the chat template, greedy batched `generate`, FASTA → JSONL.
+"""Answers about proteins: the chat history (`chat_messages`, `ChatSession`) and FASTA → JSONL.
 
-`Answerer` wraps a loaded ProteinLLM + processor and is shared by `protein-llava predict`, `chat` and
-`serve`. `predict_fasta` is the batch job: it validates every record first (bad ones are reported and
+Generation itself is `LoadedModel.answer` (protein_llava.loading), shared by `protein-llava predict`, `chat`,
+`serve` and the web demo. `predict_fasta` is the batch job: it validates every record first (bad ones are reported and
 skipped, never fatal), skips ids already answered in the output file, and appends one flushed JSONL
 line per answer so an interrupted run resumes where it stopped.
 """
@@ -15,126 +15,60 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..data.prompts import user_message
-from ..loading import PROTEIN_LLM_MODEL_TYPE, load_model, saved_model_type
+from ..loading import LoadedModel
 from ..sequences import CheckedSequence, ProteinSequenceError, check_sequence, strip_markup
 
 
-class Answerer:
-    """A ProteinLLM and its processor that answer rendered chat prompts greedily, one `generate` per batch.
+def chat_messages(turns: list[dict], residues: str | None, protein_token: str) -> list[dict]:
+    """A conversation's turns ({"role", "content"} with plain-text content) → the messages the model reads:
+    the protein rides in the first user turn, as a training record puts it; replies lose protein markup,
+    because the processor parses the whole history again and a reply must not read as a protein.
 
-    Greedy decoding is prefix-stable, so a batch runs to its largest `max_new_tokens` and each row is then
-    cut to its own limit: every answer equals the one the prompt would get alone.
-    """
-
-    def __init__(self, model, processor, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.processor = processor
-        tokenizer = processor.tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.stop_token_ids = stop_token_ids(tokenizer, model.generation_config)
-
-    @classmethod
-    def from_folder(
-        cls, folder: str | Path, device: str = "auto", dtype: str | None = None, load_in_4bit: bool = False
-    ) -> Answerer:
-        """Load a saved ProteinLLM folder (model + processor); a non-ProteinLLM folder raises ValueError.
-
-        `load_in_4bit`: the decoder in 4-bit NF4 (bitsandbytes), computing in `dtype` (default float32);
-        encoder and projector stay in full precision.
-        """
-        model_type = saved_model_type(folder)
-        if model_type != PROTEIN_LLM_MODEL_TYPE:
-            raise ValueError(
-                f"{folder} holds a {model_type!r} model, not a ProteinLLM (model_type {PROTEIN_LLM_MODEL_TYPE!r}); "
-                "the text-only arm cannot read proteins"
-            )
-        loaded = load_model(folder, dtype, device, load_in_4bit=load_in_4bit)
-        return cls(loaded.model, loaded.processor, loaded.device)
-
-    @property
-    def max_residues(self) -> int:
-        return self.processor.max_residues
-
-    def render(self, messages: list[dict]) -> str:
-        """Messages (proteins inline as `<seq> ... </seq>`) → the prompt text, assistant turn opened."""
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-
-    def generation_options(self) -> dict:
-        """The `generate` settings every caller shares (Answerer, the server's engine, the web demo)."""
-        return {
-            "num_beams": 1,
-            "eos_token_id": self.stop_token_ids or None,
-            "pad_token_id": self.pad_token_id,
-            # A generated placeholder would be read as a protein slot on the next step.
-            "suppress_tokens": [self.processor.protein_token_id],
-        }
-
-    @torch.inference_mode()
-    def answer(self, prompts: Sequence[str], max_new_tokens: int | Sequence[int]) -> list[str]:
-        """Greedy answers for rendered prompts; `max_new_tokens` is one limit or one per prompt."""
-        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(limits) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(limits)} max_new_tokens values")
-        # The chat template already placed any BOS token.
-        inputs = self.processor(text=list(prompts), add_special_tokens=False).to(self.device)
-        generated = self.model.generate(**inputs, max_new_tokens=max(limits), do_sample=False, **self.generation_options())
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()  # (batch, new) as lists
-        answers = []
-        for tokens, limit in zip(new_tokens, limits):
-            tokens = tokens[:limit]
-            for index, token in enumerate(tokens):
-                if token in self.stop_token_ids:
-                    tokens = tokens[:index]
-                    break
-            answers.append(self.processor.decode(tokens, skip_special_tokens=True).strip())
-        return answers
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """Ids that end an answer: the generation config's and tokenizer's EOS, and ChatML's end of turn."""
-    ids = generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    # A chat model ends its turn with <|im_end|> (ChatML) even where EOS is another token.
-    end_of_turn = tokenizer.get_vocab().get("<|im_end|>")
-    if end_of_turn is not None:
-        ids.append(end_of_turn)
-    return sorted(set(ids))
+    The one history builder of `ChatSession` (the CLI chat) and the web demo."""
+    messages = []
+    for turn in turns:
+        text = turn["content"]
+        if turn["role"] == "user" and not messages:
+            text = user_message(text, residues)
+        elif turn["role"] == "assistant":
+            text = strip_markup(text, protein_token)
+        messages.append({"role": turn["role"], "content": text})
+    return messages
 
 
 class ChatSession:
-    """A conversation about one protein: the protein rides in the first user turn, the history is
-    re-rendered through the chat template for every question. Loading another protein starts afresh."""
+    """A conversation about one protein: the history is re-rendered through the chat template for every
+    question (`chat_messages`). Loading another protein starts afresh."""
 
-    def __init__(self, answerer: Answerer, max_new_tokens: int = 256):
+    def __init__(self, model: LoadedModel, max_new_tokens: int = 256):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.answerer = answerer
+        self.model = model
         self.max_new_tokens = max_new_tokens
         self.residues: str | None = None
-        self.messages: list[dict] = []
+        self.turns: list[dict] = []
+
+    @property
+    def messages(self) -> list[dict]:
+        """The history as the model reads it."""
+        return chat_messages(self.turns, self.residues, self.model.processor.protein_token)
 
     def load_protein(self, sequence: str) -> str:
         """Validate and load a protein (ProteinSequenceError names a bad residue); the history is cleared."""
-        self.residues = self.answerer.processor.check_sequence(sequence, "the protein").residues
-        self.messages = []
+        self.residues = self.model.processor.check_sequence(sequence, "the protein").residues
+        self.turns = []
         return self.residues
 
     def reset(self) -> None:
-        self.messages = []
+        self.turns = []
 
     def ask(self, question: str) -> str:
-        content = question if self.messages else user_message(question, self.residues)
-        messages = [*self.messages, {"role": "user", "content": content}]
-        answer = self.answerer.answer([self.answerer.render(messages)], self.max_new_tokens)[0]
-        # The history is parsed again next turn: a reply must not read as protein markup.
-        safe = strip_markup(answer, self.answerer.processor.protein_token)
-        self.messages = [*messages, {"role": "assistant", "content": safe}]
+        turns = [*self.turns, {"role": "user", "content": question}]
+        prompt = self.model.render_chat(chat_messages(turns, self.residues, self.model.processor.protein_token))
+        answer = self.model.answer([prompt], self.max_new_tokens)[0]
+        self.turns = [*turns, {"role": "assistant", "content": answer}]
         return answer
 
 
@@ -259,7 +193,7 @@ def answered_ids(out: Path, question: str) -> set[str]:
 
 
 def predict_fasta(
-    answerer: Answerer,
+    loaded: LoadedModel,
     records: Sequence[FastaRecord],
     question: str,
     out: Path | None,
@@ -280,7 +214,7 @@ def predict_fasta(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     summary = PredictSummary(records=len(records))
-    queries, problems = check_records(records, answerer.max_residues, answerer.processor.overflow)
+    queries, problems = check_records(records, loaded.max_residues, loaded.processor.overflow)
     done = answered_ids(out, question) if out is not None else set()
     pending = [q for q in queries if q.id not in done]
     summary.already_done = len(queries) - len(pending)
@@ -300,7 +234,7 @@ def predict_fasta(
         with tqdm(total=len(pending), desc="predict", unit="protein", disable=not progress, file=sys.stderr) as bar:
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
-                for query, answer in _answer_batch(answerer, batch, question, max_new_tokens, report):
+                for query, answer in _answer_batch(loaded, batch, question, max_new_tokens, report):
                     row = {"id": query.id, "sequence_length": query.length, "question": question, "answer": answer}
                     if query.truncated:
                         row["truncated_to"] = len(query.residues)
@@ -317,12 +251,12 @@ def predict_fasta(
     return summary
 
 
-def _answer_batch(answerer: Answerer, batch: list[Query], question: str, max_new_tokens: int, report):
+def _answer_batch(loaded: LoadedModel, batch: list[Query], question: str, max_new_tokens: int, report):
     """(query, answer) pairs; when a batch fails, each record is retried alone so one bad record
     (or a batch too large for memory) costs only itself."""
-    prompts = [answerer.render([{"role": "user", "content": user_message(question, q.residues)}]) for q in batch]
+    prompts = [loaded.render_chat([{"role": "user", "content": user_message(question, q.residues)}]) for q in batch]
     try:
-        return list(zip(batch, answerer.answer(prompts, max_new_tokens)))
+        return list(zip(batch, loaded.answer(prompts, max_new_tokens)))
     except Exception as error:  # noqa: BLE001 - any failure is retried record by record, then reported
         if len(batch) == 1:
             report(RecordProblem(batch[0].id, "generation_error", f"{type(error).__name__}: {error}"))
@@ -330,7 +264,7 @@ def _answer_batch(answerer: Answerer, batch: list[Query], question: str, max_new
     pairs = []
     for query, prompt in zip(batch, prompts):
         try:
-            pairs.append((query, answerer.answer([prompt], max_new_tokens)[0]))
+            pairs.append((query, loaded.answer([prompt], max_new_tokens)[0]))
         except Exception as error:  # noqa: BLE001
             report(RecordProblem(query.id, "generation_error", f"{type(error).__name__}: {error}"))
     return pairs

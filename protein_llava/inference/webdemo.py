@@ -1,11 +1,11 @@
 """The browser demo of `protein-llava demo`: a Gradio chat about one protein, answers streamed as generated.
 
-`build_app(answerer)` returns the `gradio.Blocks` app; `protein-llava demo --model FOLDER` launches it on
+`build_app(loaded)` returns the `gradio.Blocks` app; `protein-llava demo --model FOLDER` launches it on
 127.0.0.1, and a Hugging Face Space's `app.py` does the same with a downloaded folder (see the README).
 The protein box takes raw residues or FASTA; it is checked by `predict.check_records`, the check
 `protein-llava predict` runs, so a bad residue or an over-long protein gets the CLI's message. The first
-question carries the protein in ProteinLMDataset's form (`predict.user_message`), later turns only their
-question, and the history goes through the chat template each turn, as in `protein-llava chat`.
+question carries the protein in ProteinLMDataset's form, later turns only their question, and the history
+(`predict.chat_messages`, as in `protein-llava chat`) goes through the chat template each turn.
 
 Generation runs in a worker thread feeding a `TextIteratorStreamer`; Stop sets an event that a stopping
 criterion reads, so the partial answer stays in the chat and in the history. Event handlers queue one at a
@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from ..data.prompts import TEMPLATES, user_message
-from .predict import Answerer, FastaRecord, Query, check_records
-from ..sequences import ProteinSequenceError, SequenceReason, strip_markup
+from ..data.prompts import TEMPLATES
+from ..loading import LoadedModel
+from .predict import FastaRecord, Query, chat_messages, check_records
+from ..sequences import ProteinSequenceError, SequenceReason
 
 RAW_ID = "query"  # the id a pasted sequence without a FASTA header gets, as `predict --sequence` gives it
 
@@ -122,17 +123,10 @@ def message_text(message: dict) -> str:
 
 
 def model_messages(history: list[dict], residues: str | None, protein_token: str) -> list[dict]:
-    """The chat shown in the browser → the messages the model reads: the protein rides in the first
-    user turn (as `ChatSession` puts it); replies lose protein markup so the template does not parse them."""
-    messages = []
-    for message in history:
-        text = message_text(message)
-        if message["role"] == "user" and not messages:
-            text = user_message(text, residues)
-        elif message["role"] == "assistant":
-            text = strip_markup(text, protein_token)
-        messages.append({"role": message["role"], "content": text})
-    return messages
+    """The chat shown in the browser → the messages the model reads, built as `ChatSession` builds them
+    (`predict.chat_messages`)."""
+    turns = [{"role": message["role"], "content": message_text(message)} for message in history]
+    return chat_messages(turns, residues, protein_token)
 
 
 # --- streamed generation
@@ -154,13 +148,13 @@ class _StopOnEvent(StoppingCriteria):
 class AnswerStream:
     """One answer to a rendered prompt, generated in a worker thread; iterating yields the growing text.
 
-    temperature 0 decodes greedily with the settings of `Answerer.answer`, so the final text equals its
+    temperature 0 decodes greedily with the settings of `LoadedModel.answer`, so the final text equals its
     answer; above 0 it samples. `stop()` (or leaving the loop early) ends generation after the current token.
     """
 
     def __init__(
         self,
-        answerer: Answerer,
+        loaded: LoadedModel,
         prompt: str,
         max_new_tokens: int,
         temperature: float = 0.0,
@@ -170,15 +164,15 @@ class AnswerStream:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        self.answerer = answerer
+        self.loaded = loaded
         # The chat template already placed any BOS token.
-        self.inputs = answerer.processor(text=[prompt], add_special_tokens=False).to(answerer.device)
+        self.inputs = loaded.processor(text=[prompt], add_special_tokens=False).to(loaded.device)
         self.prompt_tokens = int(self.inputs["input_ids"].shape[1])
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.stop_event = stop_event or threading.Event()
         self._criterion = _StopOnEvent(self.stop_event, self.prompt_tokens)
-        self._streamer = TextIteratorStreamer(answerer.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._streamer = TextIteratorStreamer(loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         self._error: BaseException | None = None
         self.text = ""
 
@@ -195,14 +189,14 @@ class AnswerStream:
         self.stop_event.set()
 
     def _generate(self) -> None:
-        answerer = self.answerer
+        loaded = self.loaded
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
         try:
             with torch.inference_mode():
-                answerer.model.generate(
+                loaded.model.generate(
                     **self.inputs,
                     max_new_tokens=self.max_new_tokens,
-                    **answerer.generation_options(),
+                    **loaded.generation_options(),
                     streamer=self._streamer,
                     stopping_criteria=StoppingCriteriaList([self._criterion]),
                     **sampling,
@@ -238,8 +232,8 @@ class LoadedProtein:
 class ProteinChat:
     """The demo's event handlers as plain methods (the tests call them directly); `build_app` wires them."""
 
-    def __init__(self, answerer: Answerer, settings: DemoSettings | None = None):
-        self.answerer = answerer
+    def __init__(self, loaded: LoadedModel, settings: DemoSettings | None = None):
+        self.loaded = loaded
         self.settings = settings or DemoSettings()
         # One stop flag per browser session, set by the Stop button while that session's answer streams.
         self._stops: dict[str, threading.Event] = {}
@@ -247,7 +241,7 @@ class ProteinChat:
 
     @property
     def processor(self):
-        return self.answerer.processor
+        return self.loaded.processor
 
     def check_protein(self, text: str, record_id: str | None = None) -> tuple[list[str], Query | None]:
         """(record ids of the box, the chosen protein); ProteinSequenceError for what cannot be asked about."""
@@ -324,9 +318,9 @@ class ProteinChat:
         residues = query.residues if query is not None else None
         history = [*history, {"role": "user", "content": question}]
         messages = model_messages(history, residues, self.processor.protein_token)
-        prompt = self.answerer.render(messages)
+        prompt = self.loaded.render_chat(messages)
         stop_flag = self._stop_flag(session)
-        stream = AnswerStream(self.answerer, prompt, int(max_new_tokens), float(temperature), stop_event=stop_flag)
+        stream = AnswerStream(self.loaded, prompt, int(max_new_tokens), float(temperature), stop_event=stop_flag)
         turn = sum(m["role"] == "user" for m in history)
         summary = self._summary(query, stream, turn, "generating…")
         yield [*history, {"role": "assistant", "content": ""}], loaded, status, "", summary, prompt
@@ -367,11 +361,11 @@ class ProteinChat:
 # --- the Gradio app
 
 
-def build_app(answerer: Answerer, settings: DemoSettings | None = None, model_name: str | None = None):
-    """The Gradio Blocks app of the demo (not launched): `build_app(answerer).launch()`."""
+def build_app(loaded: LoadedModel, settings: DemoSettings | None = None, model_name: str | None = None):
+    """The Gradio Blocks app of the demo (not launched): `build_app(loaded).launch()`."""
     import gradio as gr
 
-    chat = ProteinChat(answerer, settings)
+    chat = ProteinChat(loaded, settings)
     settings = chat.settings
 
     def session_of(request: gr.Request | None) -> str:

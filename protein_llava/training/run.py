@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -30,7 +31,6 @@ from .config import TrainConfig
 from .console import StageProgressBar, quiet_lightning
 from .datamodule import SFTDataModule
 from .export import export_run
-from .heldout import HeldOutEvaluation
 from .plan import TrainPlan, resolve_plan
 from .alignment import align_projector_to_residues
 from .diagnostics import InterfaceDiagnostics
@@ -194,10 +194,19 @@ def _make_logger(config: TrainConfig, out: Path):
     return WandbLogger(save_dir=str(out), name=config.run_name)
 
 
+@runtime_checkable
+class BindsToRun(Protocol):
+    """A callback that needs the processor and tokenizer the run builds (the experiment's held-out scoring):
+    `train()` hands them over before training starts."""
+
+    def bind(self, processor, tokenizer) -> None: ...
+
+
 def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callback] = ()) -> RunSummary:
     """Run one stage; returns its summary (also written to `out/summary.json` by rank 0).
 
-    `callbacks`: Lightning callbacks built in Python (e.g. held-out evaluation), besides the config's own.
+    `callbacks`: Lightning callbacks built in Python (e.g. the experiment's held-out evaluation), besides the
+    config's own; those that are `BindsToRun` get the run's processor and tokenizer.
     """
     started = time.perf_counter()
     plan = cfg if isinstance(cfg, TrainPlan) else resolve_plan(cfg)
@@ -208,7 +217,7 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
 
     model, processor, tokenizer = build_model(plan)
     for callback in callbacks:
-        if isinstance(callback, HeldOutEvaluation):
+        if isinstance(callback, BindsToRun):
             callback.bind(processor, tokenizer)
     if plan.projector is not None:
         load_projector(model, plan.projector)

@@ -16,7 +16,7 @@ from protein_llava.data.records import parse_record
 from protein_llava.data.scl2205 import protein_record
 from protein_llava.constants import IGNORE_INDEX
 from protein_llava.data.tokenize import ConversationTokenizer
-from protein_llava.inference.predict import Answerer
+from protein_llava.loading import load_protein_llm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,10 +56,10 @@ def test_training_record_and_inference_prompt_are_the_same_user_turn_and_tokens(
     assert conversation.turns[0].content == user_message(question, residues)
 
     # The whole path on both sides: the training tokenizer's prompt tokens are the inference prompt's tokens.
-    answerer = Answerer.from_folder(tiny_folder, device="cpu")
-    example = ConversationTokenizer(answerer.processor, 4096)(conversation)
+    loaded = load_protein_llm(tiny_folder, device="cpu")
+    example = ConversationTokenizer(loaded.processor, 4096)(conversation)
     prompt_length = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
-    prompt = answerer.render([{"role": "user", "content": user_message(question, residues)}])
-    inference_ids = answerer.processor(text=[prompt], add_special_tokens=False)["input_ids"][0].tolist()
+    prompt = loaded.render_chat([{"role": "user", "content": user_message(question, residues)}])
+    inference_ids = loaded.processor(text=[prompt], add_special_tokens=False)["input_ids"][0].tolist()
     assert list(example.input_ids[:prompt_length]) == inference_ids
     assert example.proteins == (residues,)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from protein_llava.builders import build_tiny
-from protein_llava.evaluation.arms import Arm, check_model_source, load_arm
+from protein_llava.evaluation.arms import check_model_source, load_arm
+from protein_llava.loading import LoadedModel
 from protein_llava.sequences import format_sequence
 
 
@@ -44,8 +45,8 @@ def test_load_saved_folders(folders):
 
 def test_problems_and_chat():
     model, processor = build_tiny(seed=0)
-    multimodal = Arm("model", "tiny", model, processor.tokenizer, processor)
-    text = Arm("baseline", "tiny", model.language_model, processor.tokenizer, None)
+    multimodal = LoadedModel(model, processor.tokenizer, processor, name="model", source="tiny")
+    text = LoadedModel(model.language_model, processor.tokenizer, None, name="baseline", source="tiny")
     too_long = f"Q {format_sequence('A' * 1100)}"
     assert multimodal.problem(too_long) == "too_long_protein" and text.problem(too_long) is None
     assert multimodal.problem("<seq> M K </seq>") is None

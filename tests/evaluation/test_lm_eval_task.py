@@ -16,7 +16,7 @@ from protein_llava.evaluation.lm_eval_task import (
     read_lm_eval_samples,
     write_lm_eval_task,
 )
-from protein_llava.inference.predict import Answerer
+from protein_llava.loading import LoadedModel, load_protein_llm
 from protein_llava.sequences import format_sequence
 from protein_llava.inference.serving import ServerLimits, create_app
 
@@ -37,13 +37,13 @@ def items() -> list[BenchmarkItem]:
     ]
 
 
-def direct_loglik(answerer, prompt: str, continuation: str) -> float:
+def direct_loglik(loaded, prompt: str, continuation: str) -> float:
     """log P(continuation | prompt) by one forward of the model, tokenized the way lm-eval does."""
-    processor = answerer.processor
+    processor = loaded.processor
     whole = processor(text=prompt + continuation, add_special_tokens=False)
     context = processor(text=prompt, add_special_tokens=False)["input_ids"].shape[1]
     with torch.inference_mode():
-        logits = answerer.model(**whole).logits[0].float().log_softmax(-1)
+        logits = loaded.model(**whole).logits[0].float().log_softmax(-1)
     ids = whole["input_ids"][0]
     return sum(float(logits[i - 1, ids[i]]) for i in range(context, ids.shape[0]))
 
@@ -52,12 +52,12 @@ def test_lm_eval_local_completions_matches_a_direct_forward(tiny_folder, tmp_pat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    answerer = Answerer.from_folder(tiny_folder, device="cpu")
+    loaded = load_protein_llm(tiny_folder, device="cpu")
     benchmark = items()
     prompts = [official_prompt(item.question, item.options) for item in benchmark]
     folder = write_lm_eval_task(benchmark, prompts, tmp_path / "task", "protein_llava_test")
     limits = ServerLimits(**{**TEST_LIMITS.__dict__, "max_body_bytes": 1 << 20, "max_wait_ms": 5})
-    with live_server(create_app(answerer, limits, model_name=MODEL_NAME)) as url:
+    with live_server(create_app(loaded, limits, model_name=MODEL_NAME)) as url:
         model_args = (
             f"model={MODEL_NAME},base_url={url}/v1/completions,tokenizer={tiny_folder},"
             "tokenized_requests=True,num_concurrent=1,max_retries=1"
@@ -76,7 +76,7 @@ def test_lm_eval_local_completions_matches_a_direct_forward(tiny_folder, tmp_pat
     assert sorted(samples) == [item.item_id for item in benchmark]
     correct = 0
     for item, prompt in zip(benchmark, prompts):
-        expected = [direct_loglik(answerer, prompt, f" {n}") for n in range(1, 5)]
+        expected = [direct_loglik(loaded, prompt, f" {n}") for n in range(1, 5)]
         assert samples[item.item_id]["logliks"] == pytest.approx(expected, abs=1e-4)
         correct += max(range(4), key=lambda j: expected[j]) + 1 == item.answer
     assert results["results"]["protein_llava_test"]["acc,none"] == pytest.approx(correct / len(benchmark))
@@ -85,16 +85,16 @@ def test_lm_eval_local_completions_matches_a_direct_forward(tiny_folder, tmp_pat
 # --- lm-eval through the server against lm-eval's own `hf` backend on the same weights
 
 
-def save_plain_decoder(answerer, folder):
+def save_plain_decoder(loaded, folder):
     """The ProteinLLM's decoder and tokenizer as a plain transformers folder, for lm-eval's `hf` backend."""
-    answerer.model.language_model.save_pretrained(folder)
-    answerer.processor.tokenizer.save_pretrained(folder)
+    loaded.model.language_model.save_pretrained(folder)
+    loaded.processor.tokenizer.save_pretrained(folder)
     return folder
 
 
-def lm_eval_both_ways(answerer, decoder_folder, benchmark, prompts, task_folder, task) -> tuple[dict, dict]:
+def lm_eval_both_ways(loaded, decoder_folder, benchmark, prompts, task_folder, task) -> tuple[dict, dict]:
     """Per item id, lm-eval's logliks and prediction: `local-completions` against a live server of
-    `answerer`, and `hf` on `decoder_folder`; the same task, tokenizer and BOS setting."""
+    `loaded`, and `hf` on `decoder_folder`; the same task, tokenizer and BOS setting."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -107,7 +107,7 @@ def lm_eval_both_ways(answerer, decoder_folder, benchmark, prompts, task_folder,
         file.write_text("\n".join(json.dumps(sample, default=str) for sample in results["samples"][task]))
         return read_lm_eval_samples(file)
 
-    with live_server(create_app(answerer, limits, model_name=MODEL_NAME)) as url:
+    with live_server(create_app(loaded, limits, model_name=MODEL_NAME)) as url:
         served = simple_evaluate(
             model="local-completions",
             model_args=(
@@ -137,14 +137,14 @@ def assert_same_scores(served: dict, local: dict, benchmark) -> None:
         assert served[item.item_id]["predicted"] == local[item.item_id]["predicted"], item.item_id
 
 
-def next_tokens(answerer, prompt: str, options: int) -> list[int]:
+def next_tokens(loaded, prompt: str, options: int) -> list[int]:
     """The greedy token after prompt + " n" for each option n, tokenized as lm-eval sends it."""
-    tokenizer = answerer.processor.tokenizer
+    tokenizer = loaded.processor.tokenizer
     result = []
     for number in range(1, options + 1):
         ids = torch.tensor([tokenizer(prompt + f" {number}", add_special_tokens=False)["input_ids"]])
         with torch.inference_mode():
-            result.append(int(answerer.model(input_ids=ids).logits[0, -1].argmax()))
+            result.append(int(loaded.model(input_ids=ids).logits[0, -1].argmax()))
     return result
 
 
@@ -163,13 +163,13 @@ def text_items(count: int) -> list[BenchmarkItem]:
 def test_lm_eval_through_the_server_equals_lm_eval_hf_when_the_next_token_is_a_stop(tiny_folder, tmp_path, one_thread):
     """The tiny model stops at every token it would generate after an option ("end of turn" everywhere):
     the server's reply still holds that generated token, so lm-eval's `[:-1]` cuts only it."""
-    answerer = Answerer.from_folder(tiny_folder, device="cpu")
+    loaded = load_protein_llm(tiny_folder, device="cpu")
     benchmark = text_items(6)
     prompts = [official_prompt(item.question, item.options) for item in benchmark]
-    stops = sorted({token for item, prompt in zip(benchmark, prompts) for token in next_tokens(answerer, prompt, item.num_options)})
-    answerer.stop_token_ids = stops
-    decoder = save_plain_decoder(answerer, tmp_path / "decoder")
-    served, local = lm_eval_both_ways(answerer, decoder, benchmark, prompts, tmp_path / "task", "tiny_agreement")
+    stops = sorted({token for item, prompt in zip(benchmark, prompts) for token in next_tokens(loaded, prompt, item.num_options)})
+    loaded.stop_token_ids = stops
+    decoder = save_plain_decoder(loaded, tmp_path / "decoder")
+    served, local = lm_eval_both_ways(loaded, decoder, benchmark, prompts, tmp_path / "task", "tiny_agreement")
     assert_same_scores(served, local, benchmark)
 
 
@@ -179,22 +179,22 @@ def test_lm_eval_through_the_server_equals_lm_eval_hf_on_smollm2_proteinlmbench(
     from protein_llava.evaluation.benchmarks import load_proteinlmbench
 
     _, model, processor = smollm2
-    answerer = Answerer(model, processor, device="cpu")
+    loaded = LoadedModel(model.eval(), processor.tokenizer, processor, device="cpu")
     # The two shortest of the first ten items keep this to two forwards of ~250 tokens per option and backend.
     first = load_proteinlmbench(str(shared_data / "proteinlmbench_sample.json"), limit=10).items
     benchmark = sorted(first, key=lambda item: len(official_prompt(item.question, item.options)))[:2]
     raw = [official_prompt(item.question, item.options) for item in benchmark]
     chat = [
-        answerer.render([{"role": "user", "content": prompt + "\nReply with the option number only."}]) + "The correct option is:"
+        loaded.render_chat([{"role": "user", "content": prompt + "\nReply with the option number only."}]) + "The correct option is:"
         for prompt in raw
     ]
     items = [*benchmark, *(dataclasses.replace(item, item_id=f"{item.item_id}-chat") for item in benchmark)]
     prompts = [*raw, *chat]
     assert not any("<seq>" in prompt for prompt in prompts)  # text only: lm-eval's `hf` cannot read proteins
     ends_turn = sum(
-        token in answerer.stop_token_ids for item, prompt in zip(benchmark, chat) for token in next_tokens(answerer, prompt, item.num_options)
+        token in loaded.stop_token_ids for item, prompt in zip(benchmark, chat) for token in next_tokens(loaded, prompt, item.num_options)
     )
     assert ends_turn >= 2, "the chat prompts must make the model end its turn after some options"
-    decoder = save_plain_decoder(answerer, tmp_path / "decoder")
-    served, local = lm_eval_both_ways(answerer, decoder, items, prompts, tmp_path / "task", "smollm2_agreement")
+    decoder = save_plain_decoder(loaded, tmp_path / "decoder")
+    served, local = lm_eval_both_ways(loaded, decoder, items, prompts, tmp_path / "task", "smollm2_agreement")
     assert_same_scores(served, local, items)

@@ -10,7 +10,7 @@ import pytest
 
 from protein_llava.builders import build_tiny
 from protein_llava.evaluation import runner
-from protein_llava.evaluation.arms import Arm
+from protein_llava.loading import LoadedModel
 from protein_llava.evaluation.benchmarks import ANSWER_ANCHOR, BenchmarkItem, official_prompt
 from protein_llava.evaluation.config import BenchmarkConfig, EvalConfig
 from protein_llava.evaluation.runner import evaluate_arm, item_prompt, run_evaluation
@@ -89,7 +89,7 @@ def test_permutation_average_maps_back_to_original_options(tiny, monkeypatch):
 
     monkeypatch.setattr(runner, "score_options", fake_score_options)
     model, processor = tiny
-    arm = Arm("model", "tiny", model, processor.tokenizer, processor)
+    arm = LoadedModel(model, processor.tokenizer, processor, name="model", source="tiny")
     items = [BenchmarkItem(f"i{g}", "q", tuple(f"option {n}: {'good' if n == g else 'bad'}" for n in range(1, 5)), g) for g in (1, 3, 4)]
     result = evaluate_arm(arm, items, EvalConfig(model="x", baseline=None, permutations=True, progress=False))
     for item in items:
@@ -110,7 +110,7 @@ def test_generate_mode_counts_unparseable(folders, bench_file, tmp_path):
 
 def test_chat_prompt_wraps_the_official_text(tiny):
     model, processor = tiny
-    arm = Arm("model", "tiny", model, processor.tokenizer, processor)
+    arm = LoadedModel(model, processor.tokenizer, processor, name="model", source="tiny")
     item = BenchmarkItem("i", "Which?", ("option 1: a", "option 2: b"), 1)
     official = official_prompt(item.question, item.options)
     chat = EvalConfig(model="x", baseline=None, prompt_format="chat")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from protein_llava.builders import build_tiny
-from protein_llava.evaluation.arms import Arm
+from protein_llava.loading import LoadedModel
 from protein_llava.evaluation.benchmarks import OFFICIAL_INSTRUCTION, official_prompt
 from protein_llava.evaluation.scoring import (
     digit_token_mask,
@@ -38,8 +38,8 @@ def tiny():
 def arms(tiny):
     model, processor = tiny
     return {
-        "multimodal": Arm("model", "tiny", model, processor.tokenizer, processor),
-        "text": Arm("baseline", "tiny", model.language_model, processor.tokenizer, None),
+        "multimodal": LoadedModel(model, processor.tokenizer, processor, name="model", source="tiny"),
+        "text": LoadedModel(model.language_model, processor.tokenizer, None, name="baseline", source="tiny"),
     }
 
 
@@ -75,7 +75,7 @@ def test_fast_scores_equal_per_option_reference(arms, kind, share_prefix):
 def test_eager_attention_takes_the_same_masks():
     model, processor = build_tiny(seed=0)
     model.set_attn_implementation("eager")
-    arm = Arm("model", "tiny", model, processor.tokenizer, processor)
+    arm = LoadedModel(model, processor.tokenizer, processor, name="model", source="tiny")
     assert arm.decoder_config._attn_implementation == "eager"
     texts, counts = [t for t, _ in PROMPTS], [k for _, k in PROMPTS]
     for text, count, scores in zip(texts, counts, score_options(arm, texts, counts, batch_size=4)):
@@ -104,7 +104,7 @@ def test_fast_scores_do_not_depend_on_batching(arms):
     assert score_options(arm, texts, counts, batch_size=8) == one_batch  # bit-identical on a rerun
 
 
-def bigram_arm(probabilities: dict[int, dict[int, float]], vocab: int = 260) -> tuple[Arm, dict]:
+def bigram_arm(probabilities: dict[int, dict[int, float]], vocab: int = 260) -> tuple[LoadedModel, dict]:
     """A tiny Llama turned into a bigram model: the next-token distribution depends only on the current token.
 
     Attention and MLP outputs are zeroed, so the final hidden state is the normalised token embedding; each
@@ -135,7 +135,7 @@ def bigram_arm(probabilities: dict[int, dict[int, float]], vocab: int = 260) -> 
             tables[token] = table
             # RMSNorm scales a one-hot vector by sqrt(hidden): divide it back out.
             head[:, slots.get(token, other_slot)] = (table.log() / math.sqrt(hidden)).float()
-    return Arm("bigram", "tiny", decoder, processor.tokenizer, None), tables
+    return LoadedModel(decoder, processor.tokenizer, None, name="bigram", source="tiny"), tables
 
 
 def test_ten_outscores_one_when_the_model_writes_ten():
@@ -176,11 +176,11 @@ def test_generation_stops_where_every_other_path_stops():
     """Eval's generate mode ends an answer at the stops predict, chat and the server use (here ChatML's
     end of turn, which the tiny model's generation config does not list) and never emits a placeholder."""
     from protein_llava import build_tiny
-    from protein_llava.inference.predict import stop_token_ids
+    from protein_llava.loading import stop_token_ids
 
     model, processor = build_tiny(seed=0)
     model.eval()
-    arm = Arm("model", "tiny", model, processor.tokenizer, processor)
+    arm = LoadedModel(model, processor.tokenizer, processor, name="model", source="tiny")
     end_of_turn = processor.tokenizer.get_vocab()["<|im_end|>"]
     assert end_of_turn not in (model.generation_config.eos_token_id or [])
     text = PROMPTS[0][0]

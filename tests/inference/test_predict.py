@@ -7,7 +7,6 @@ from sample_proteins import P1, P2
 
 from protein_llava.data.prompts import TEMPLATES, user_message
 from protein_llava.inference.predict import (
-    Answerer,
     ChatSession,
     FastaRecord,
     answered_ids,
@@ -15,6 +14,7 @@ from protein_llava.inference.predict import (
     predict_fasta,
     read_fasta,
 )
+from protein_llava.loading import LoadedModel, load_protein_llm
 from protein_llava.sequences import ProteinSequenceError
 
 R1, R2 = P1.replace(" ", ""), P2.replace(" ", "")
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def answerer(tiny_folder):
-    return Answerer.from_folder(tiny_folder, device="cpu")
+def loaded(tiny_folder):
+    return load_protein_llm(tiny_folder, device="cpu")
 
 
 def test_templates_use_the_dataset_wording():
@@ -91,27 +91,27 @@ def test_answered_ids_drops_a_partial_line_and_refuses_another_question(tmp_path
     assert answered_ids(tmp_path / "missing.jsonl", "Q") == set()
 
 
-def test_batched_answers_equal_single_answers(answerer):
+def test_batched_answers_equal_single_answers(loaded):
     prompts = [
-        answerer.render([{"role": "user", "content": user_message("What does it do?", residues)}])
+        loaded.render_chat([{"role": "user", "content": user_message("What does it do?", residues)}])
         for residues in (R1, R2, "MKT")
     ]
     limits = [6, 3, 5]
-    batched = answerer.answer(prompts, limits)
-    single = [answerer.answer([prompt], limit)[0] for prompt, limit in zip(prompts, limits)]
+    batched = loaded.answer(prompts, limits)
+    single = [loaded.answer([prompt], limit)[0] for prompt, limit in zip(prompts, limits)]
     assert batched == single
     assert all(isinstance(a, str) for a in batched)
 
 
-def test_chat_session_keeps_history_through_the_template(answerer):
-    session = ChatSession(answerer, max_new_tokens=4)
+def test_chat_session_keeps_history_through_the_template(loaded):
+    session = ChatSession(loaded, max_new_tokens=4)
     session.load_protein(R1)
     first = session.ask("What does it do?")
     session.ask("Where?")
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     assert session.messages[0]["content"] == user_message("What does it do?", R1)
     assert session.messages[2]["content"] == "Where?"  # the protein rides only in the first turn
-    rendered = answerer.render(session.messages[:3])
+    rendered = loaded.render_chat(session.messages[:3])
     assert rendered.count("<seq>") == 1 and "Where?" in rendered
     assert session.messages[1]["content"].replace("<seq>", "") == first.replace("<seq>", "")
 
@@ -122,12 +122,12 @@ def test_chat_session_keeps_history_through_the_template(answerer):
     assert session.messages == [] and session.residues == R2
 
 
-class FlakyAnswerer:
+class FlakyModel:
     """Answers like the real one, except any batch holding the poisoned protein fails."""
 
-    def __init__(self, real: Answerer, poisoned: str):
+    def __init__(self, real: LoadedModel, poisoned: str):
         self.real, self.poisoned = real, " ".join(poisoned)
-        self.processor, self.max_residues, self.render = real.processor, real.max_residues, real.render
+        self.processor, self.max_residues, self.render_chat = real.processor, real.max_residues, real.render_chat
 
     def answer(self, prompts, max_new_tokens):
         if any(self.poisoned in p for p in prompts):
@@ -135,11 +135,11 @@ class FlakyAnswerer:
         return self.real.answer(prompts, max_new_tokens)
 
 
-def test_a_failing_record_is_reported_and_the_run_goes_on(answerer, tmp_path):
+def test_a_failing_record_is_reported_and_the_run_goes_on(loaded, tmp_path):
     records = [FastaRecord("a", R1), FastaRecord("b", "WWCWW"), FastaRecord("c", R2)]
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     summary = predict_fasta(
-        FlakyAnswerer(answerer, "WWCWW"), records, "Q?", out, errors, batch_size=3, max_new_tokens=3, progress=False
+        FlakyModel(loaded, "WWCWW"), records, "Q?", out, errors, batch_size=3, max_new_tokens=3, progress=False
     )
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "c"]
     problem = json.loads(errors.read_text())

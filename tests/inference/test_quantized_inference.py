@@ -9,7 +9,7 @@ from torch import nn
 
 from protein_llava import ProteinLLM, ProteinLLMProcessor
 from protein_llava.cli import main
-from protein_llava.inference.predict import Answerer
+from protein_llava.loading import load_protein_llm
 from protein_llava.quantization import decoder_only, is_4bit, nf4_config
 
 
@@ -40,8 +40,8 @@ def test_user_skip_list_is_kept_and_other_configs_are_refused():
 
 
 def test_predict_with_load_in_4bit(tiny_folder, capsys, one_thread):
-    answerer = Answerer.from_folder(tiny_folder, device="cpu", load_in_4bit=True)
-    assert is_4bit(answerer.model.language_model) and not is_4bit(answerer.model.protein_encoder)
+    loaded = load_protein_llm(tiny_folder, device="cpu", load_in_4bit=True)
+    assert is_4bit(loaded.model.language_model) and not is_4bit(loaded.model.protein_encoder)
     argv = ["predict", "--model", str(tiny_folder), "--sequence", "MKTAYIAKQR", "--question", "What is it?",
             "--max-new-tokens", "3", "--device", "cpu", "--no-progress", "--load-in-4bit"]
     assert main(argv) == 0

@@ -1,5 +1,5 @@
 """protein_llava.inference.webdemo: the protein box checked as `predict` checks it, streamed answers equal to the
-greedy `Answerer` ones, the conversation equal to `ChatSession`'s, Stop, the app and the CLI entry; and
+greedy `LoadedModel.answer` ones, the conversation equal to `ChatSession`'s, Stop, the app and the CLI entry; and
 one end-to-end run in headless Chromium (a visible skip where the system has none)."""
 
 import os
@@ -16,7 +16,8 @@ from sample_proteins import P1, P2
 
 from protein_llava.cli import build_parser, main
 from protein_llava.data.prompts import TEMPLATES, user_message
-from protein_llava.inference.predict import Answerer, ChatSession, FastaRecord, check_records
+from protein_llava.inference.predict import ChatSession, FastaRecord, check_records
+from protein_llava.loading import load_protein_llm
 from protein_llava.sequences import ProteinSequenceError
 from protein_llava.inference.webdemo import (
     EXAMPLE_PROTEINS,
@@ -36,14 +37,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def answerer(tiny_folder):
-    return Answerer.from_folder(tiny_folder, device="cpu")
+def loaded(tiny_folder):
+    return load_protein_llm(tiny_folder, device="cpu")
 
 
 @pytest.fixture
-def own_answerer(tiny_folder):
-    """An answerer whose processor a test may change (max_residues, overflow)."""
-    return Answerer.from_folder(tiny_folder, device="cpu")
+def own_loaded(tiny_folder):
+    """A loaded model whose processor a test may change (max_residues, overflow)."""
+    return load_protein_llm(tiny_folder, device="cpu")
 
 
 def final(turns: list) -> tuple:
@@ -83,9 +84,9 @@ def test_choose_protein_gives_predicts_messages():
     assert choose_protein([], None, 10, "error") is None
 
 
-def test_protein_status_names_the_record_its_size_and_errors(own_answerer):
-    chat = ProteinChat(own_answerer)
-    tokens = own_answerer.processor.num_protein_tokens
+def test_protein_status_names_the_record_its_size_and_errors(own_loaded):
+    chat = ProteinChat(own_loaded)
+    tokens = own_loaded.processor.num_protein_tokens
     assert chat.protein_status(R1) == (["query"], f"Record `query`: {len(R1)} residues → {tokens(len(R1))} protein tokens.")
     ids, line = chat.protein_status(f">a\n{R1}\n>b\n{R2}", "b")
     assert ids == ["a", "b"] and line == f"2 FASTA records; Record `b`: {len(R2)} residues → {tokens(len(R2))} protein tokens."
@@ -94,14 +95,14 @@ def test_protein_status_names_the_record_its_size_and_errors(own_answerer):
         "**Error:** invalid residue 'J' at position 4 in record 'query'; allowed: the 20 standard amino acids and X B U Z O",
     )
     assert chat.protein_status("")[1] == "No protein: questions go to the decoder alone."
-    own_answerer.processor.max_residues = 20
+    own_loaded.processor.max_residues = 20
     assert "is longer than the encoder's limit of 20" in chat.protein_status(R1)[1]
-    own_answerer.processor.overflow = "truncate"
+    own_loaded.processor.overflow = "truncate"
     assert chat.protein_status(R1)[1].endswith(f"(truncated from {len(R1)}: residues 21-{len(R1)} are cut).")
 
 
-def test_every_example_protein_passes_the_check(answerer):
-    chat = ProteinChat(answerer)
+def test_every_example_protein_passes_the_check(loaded):
+    chat = ProteinChat(loaded)
     for label, text in EXAMPLE_PROTEINS:
         ids, query = chat.check_protein(text)
         assert query is not None and len(query.residues) > 20, label
@@ -118,34 +119,34 @@ def test_settings_are_checked():
 # --- generation
 
 
-def test_greedy_stream_equals_the_answerers_answer(answerer):
+def test_greedy_stream_equals_the_loaded_models_answer(loaded):
     for question, residues, limit in (("What does it do?", R1, 12), ("Where?", R2, 5), ("Hi", None, 9)):
-        prompt = answerer.render([{"role": "user", "content": user_message(question, residues)}])
-        stream = AnswerStream(answerer, prompt, limit)
+        prompt = loaded.render_chat([{"role": "user", "content": user_message(question, residues)}])
+        stream = AnswerStream(loaded, prompt, limit)
         pieces = list(stream)
         assert pieces and all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))
-        assert pieces[-1].strip() == answerer.answer([prompt], limit)[0]
+        assert pieces[-1].strip() == loaded.answer([prompt], limit)[0]
         assert 1 <= stream.new_tokens <= limit and not stream.stopped
-        assert stream.prompt_tokens == answerer.processor(text=[prompt], add_special_tokens=False)["input_ids"].shape[1]
+        assert stream.prompt_tokens == loaded.processor(text=[prompt], add_special_tokens=False)["input_ids"].shape[1]
 
 
-def test_a_set_stop_event_ends_after_one_token(answerer):
-    prompt = answerer.render([{"role": "user", "content": user_message("What does it do?", R1)}])
+def test_a_set_stop_event_ends_after_one_token(loaded):
+    prompt = loaded.render_chat([{"role": "user", "content": user_message("What does it do?", R1)}])
     event = threading.Event()
     event.set()
-    stream = AnswerStream(answerer, prompt, 50, stop_event=event)
+    stream = AnswerStream(loaded, prompt, 50, stop_event=event)
     text = "".join(list(stream)[-1:])
     assert (stream.new_tokens, stream.stopped) == (1, True)
-    assert text.strip() == answerer.answer([prompt], 1)[0]
+    assert text.strip() == loaded.answer([prompt], 1)[0]
 
 
-def test_temperature_samples_reproducibly_under_a_seed(answerer):
-    prompt = answerer.render([{"role": "user", "content": user_message("What does it do?", R1)}])
+def test_temperature_samples_reproducibly_under_a_seed(loaded):
+    prompt = loaded.render_chat([{"role": "user", "content": user_message("What does it do?", R1)}])
     runs = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
-        runs.append(list(AnswerStream(answerer, prompt, 24, temperature=1.5))[-1])
-    greedy = answerer.answer([prompt], 24)[0]
+        runs.append(list(AnswerStream(loaded, prompt, 24, temperature=1.5))[-1])
+    greedy = loaded.answer([prompt], 24)[0]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert greedy not in (runs[0].strip(), runs[2].strip())
 
@@ -167,41 +168,41 @@ def test_model_messages_put_the_protein_in_the_first_turn_only():
     assert model_messages(history[:1], None, "<protein>") == [{"role": "user", "content": "What is it?"}]
 
 
-def test_the_conversation_is_chat_sessions(answerer):
-    chat, session = ProteinChat(answerer), ChatSession(answerer, max_new_tokens=6)
+def test_the_conversation_is_chat_sessions(loaded):
+    chat, session = ProteinChat(loaded), ChatSession(loaded, max_new_tokens=6)
     session.load_protein(R1)
-    history, loaded = [], None
+    history, protein = [], None
     for question in ("What does this protein do?", "Is it an enzyme?", "Where is it found?"):
         expected = session.ask(question)
-        history, loaded, status, box, summary, prompt = final(list(chat.respond(R1, None, question, history, loaded, 6, 0.0)))
+        history, protein, status, box, summary, prompt = final(list(chat.respond(R1, None, question, history, protein, 6, 0.0)))
         assert history[-1] == {"role": "assistant", "content": expected}
         assert model_messages(history, R1, "<protein>") == session.messages
-        assert prompt == answerer.render(session.messages[:-1])
+        assert prompt == loaded.render_chat(session.messages[:-1])
         assert box == "" and status.startswith("Record `query`")
     turns = [m["content"] for m in history if m["role"] == "user"]
     assert turns == ["What does this protein do?", "Is it an enzyme?", "Where is it found?"]
     assert "turn 3 of the conversation" in summary and "greedy" in summary
-    assert f"{len(R1)} residues → {answerer.processor.num_protein_tokens(len(R1))} protein tokens" in summary
+    assert f"{len(R1)} residues → {loaded.processor.num_protein_tokens(len(R1))} protein tokens" in summary
 
 
-def test_another_protein_starts_a_new_conversation_and_a_bad_one_changes_nothing(answerer):
-    chat = ProteinChat(answerer)
-    history, loaded, *_ = final(list(chat.respond(R1, None, "What is it?", [], None, 3, 0.0)))
-    assert loaded == LoadedProtein(check_records([FastaRecord("query", R1)], 1022)[0][0])
-    bad = list(chat.respond("MKTJAY", None, "Again?", history, loaded, 3, 0.0))
-    assert bad == [(history, loaded, "**Error:** invalid residue 'J' at position 4 in record 'query'; "
+def test_another_protein_starts_a_new_conversation_and_a_bad_one_changes_nothing(loaded):
+    chat = ProteinChat(loaded)
+    history, protein, *_ = final(list(chat.respond(R1, None, "What is it?", [], None, 3, 0.0)))
+    assert protein == LoadedProtein(check_records([FastaRecord("query", R1)], 1022)[0][0])
+    bad = list(chat.respond("MKTJAY", None, "Again?", history, protein, 3, 0.0))
+    assert bad == [(history, protein, "**Error:** invalid residue 'J' at position 4 in record 'query'; "
                     "allowed: the 20 standard amino acids and X B U Z O", "Again?", None, None)]
-    assert final(list(chat.respond(R1, None, "  ", history, loaded, 3, 0.0)))[2].startswith("**Error:** the question is empty")
+    assert final(list(chat.respond(R1, None, "  ", history, protein, 3, 0.0)))[2].startswith("**Error:** the question is empty")
     fasta = f">one\n{R1}\n>two\n{R2}\n"
-    new_history, new_loaded, status, *_ = final(list(chat.respond(fasta, "two", "And this?", history, loaded, 3, 0.0)))
+    new_history, new_protein, status, *_ = final(list(chat.respond(fasta, "two", "And this?", history, protein, 3, 0.0)))
     assert [m["content"] for m in new_history if m["role"] == "user"] == ["And this?"]
-    assert new_loaded.query.id == "two" and new_loaded.query.residues == R2 and status.startswith("2 FASTA records; Record `two`")
+    assert new_protein.query.id == "two" and new_protein.query.residues == R2 and status.startswith("2 FASTA records; Record `two`")
     prompt = final(list(chat.respond(fasta, "two", "And this?", [], None, 3, 0.0)))[5]
-    assert prompt == answerer.render([{"role": "user", "content": user_message("And this?", R2)}])
+    assert prompt == loaded.render_chat([{"role": "user", "content": user_message("And this?", R2)}])
 
 
-def test_stop_keeps_the_partial_answer(answerer):
-    chat = ProteinChat(answerer)
+def test_stop_keeps_the_partial_answer(loaded):
+    chat = ProteinChat(loaded)
     turns = chat.respond(R1, None, "What does it do?", [], None, 400, 0.0, session="s1")
     for history, *_ in turns:
         if history[-1]["role"] == "assistant" and history[-1]["content"]:
@@ -213,17 +214,17 @@ def test_stop_keeps_the_partial_answer(answerer):
     assert "stopped by the user" in summary
     new_tokens = int(summary.split("- answer: ")[1].split()[0])
     assert 1 <= new_tokens < 400
-    prompt = answerer.render([{"role": "user", "content": user_message("What does it do?", R1)}])
-    assert answer == answerer.answer([prompt], new_tokens)[0]
+    prompt = loaded.render_chat([{"role": "user", "content": user_message("What does it do?", R1)}])
+    assert answer == loaded.answer([prompt], new_tokens)[0]
 
 
 # --- the app and the command
 
 
-def test_build_app_has_the_widgets(answerer):
+def test_build_app_has_the_widgets(loaded):
     from protein_llava.inference.webdemo import build_app
 
-    app = build_app(answerer, model_name="tiny")
+    app = build_app(loaded, model_name="tiny")
     ids = {block.elem_id for block in app.blocks.values() if getattr(block, "elem_id", None)}
     assert {"sequence", "record", "protein-status", "template", "max-new-tokens", "temperature", "chat", "question",
             "ask", "stop", "clear", "model-input", "seen", "prompt"} <= ids
@@ -273,13 +274,13 @@ def test_in_a_headless_browser(tiny_folder, tmp_path):
     from protein_llava.inference.webdemo import build_app, launch
 
     folder = Path(os.environ.get("PROTEIN_LLAVA_DEMO_MODEL", tiny_folder))
-    answerer = Answerer.from_folder(folder, device="cpu")
+    loaded = load_protein_llm(folder, device="cpu")
     protein, follow_up = EXAMPLE_PROTEINS[0][1], "Which amino acid is this protein most enriched in?"
-    session = ChatSession(answerer, max_new_tokens=32)
+    session = ChatSession(loaded, max_new_tokens=32)
     session.load_protein(protein)
     expected = [session.ask(TEMPLATES["function"]), session.ask(follow_up)]
 
-    app = build_app(answerer, DemoSettings(max_new_tokens=32), model_name=f"{folder.parent.name}/{folder.name}")
+    app = build_app(loaded, DemoSettings(max_new_tokens=32), model_name=f"{folder.parent.name}/{folder.name}")
     port = free_port()
     launch(app, port=port, prevent_thread_lock=True, quiet=True)
     assert app.server_name == "127.0.0.1"
@@ -312,7 +313,7 @@ def test_in_a_headless_browser(tiny_folder, tmp_path):
 
     def rendered(messages: list[dict]) -> str:
         # The code box also drops the template's final newline.
-        return re.sub("[\x00-\x08\x0b-\x1f\x7f]", "", answerer.render(messages)).rstrip("\n")
+        return re.sub("[\x00-\x08\x0b-\x1f\x7f]", "", loaded.render_chat(messages)).rstrip("\n")
 
     try:
         driver.get(f"http://127.0.0.1:{port}/")
@@ -329,7 +330,7 @@ def test_in_a_headless_browser(tiny_folder, tmp_path):
         driver.find_element(By.CSS_SELECTOR, "#ask").click()
         assert answers_after(1) == [" ".join(expected[0].split())]
         seen = text_of("#seen")
-        tokens = answerer.processor.num_protein_tokens(len(protein))
+        tokens = loaded.processor.num_protein_tokens(len(protein))
         assert f"record query, 76 residues → {tokens} protein tokens" in seen and "greedy" in seen
         assert shown_prompt() == rendered(session.messages[:1])
 

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from ...data.prompts import TEMPLATES, user_message
 from ...sequences import ProteinSequenceError
-from ..predict import Answerer
+from ...loading import LoadedModel
 from . import openai_api as oai
 from .engine import Completion, Engine, Job, JobCancelled, QueueFull, Sampling
 from .prompts import (
@@ -105,7 +105,7 @@ class AnswerResponse(BaseModel):
 # --- request checks
 
 
-def prepare_answer_prompts(body: AnswerRequest, answerer: Answerer, limits: ServerLimits) -> list[PreparedPrompt]:
+def prepare_answer_prompts(body: AnswerRequest, loaded: LoadedModel, limits: ServerLimits) -> list[PreparedPrompt]:
     """The request's prompts, or `RequestRejected` (422) naming what is wrong and where."""
     if not body.sequences:
         raise RequestRejected(422, "no_sequences", "'sequences' is empty; send at least one protein sequence")
@@ -115,7 +115,7 @@ def prepare_answer_prompts(body: AnswerRequest, answerer: Answerer, limits: Serv
         )
     _check_max_tokens(body.max_new_tokens, limits, "max_new_tokens", minimum=1)
     question = _question(body)
-    processor = answerer.processor
+    processor = loaded.processor
     prompts = []
     for index, sequence in enumerate(body.sequences):
         where = f"sequences[{index}]"
@@ -123,7 +123,7 @@ def prepare_answer_prompts(body: AnswerRequest, answerer: Answerer, limits: Serv
             residues = processor.check_sequence(sequence, where, warn=False).residues
         except ProteinSequenceError as error:
             raise RequestRejected(422, str(error.reason), str(error)) from error
-        rendered = answerer.render([{"role": "user", "content": user_message(question, residues)}])
+        rendered = loaded.render_chat([{"role": "user", "content": user_message(question, residues)}])
         prompts.append(_prepared(prepare_rendered_prompt, processor, rendered, where))
     return prompts
 
@@ -276,17 +276,17 @@ async def await_completions(request: Request, engine: Engine, jobs: list[Job], t
 
 
 def create_app(
-    answerer: Answerer,
+    loaded: LoadedModel,
     limits: ServerLimits | None = None,
     model_name: str = "protein_llava",
     api_key: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app around a loaded `Answerer`; the batching worker runs for the app's lifespan."""
+    """The FastAPI app around a `LoadedModel`; the batching worker runs for the app's lifespan."""
     limits = limits or ServerLimits()
-    engine = Engine(answerer, limits.max_batch_size, limits.max_wait_ms / 1000, limits.max_queued)
-    budget = TokenBudget(limits, context_length(answerer.model))
-    processor, tokenizer = answerer.processor, answerer.processor.tokenizer
-    model_default = default_sampling(answerer.model.generation_config)
+    engine = Engine(loaded, limits.max_batch_size, limits.max_wait_ms / 1000, limits.max_queued)
+    budget = TokenBudget(limits, context_length(loaded.model))
+    processor, tokenizer = loaded.processor, loaded.processor.tokenizer
+    model_default = default_sampling(loaded.model.generation_config)
     started = int(time.time())
 
     @asynccontextmanager
@@ -356,7 +356,7 @@ def create_app(
 
     @app.post("/v1/answer", response_model=AnswerResponse)
     async def answer(body: AnswerRequest, request: Request) -> AnswerResponse:
-        prompts = prepare_answer_prompts(body, answerer, limits)
+        prompts = prepare_answer_prompts(body, loaded, limits)
         for index, prompt in enumerate(prompts):
             budget.check(prompt, body.max_new_tokens, f"sequences[{index}]")
         request_id = engine.new_request_id()

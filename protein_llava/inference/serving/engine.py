@@ -121,8 +121,8 @@ class QueueFull(Exception):
 class Engine:
     """The queue and the worker task; `submit` from request handlers, `start`/`stop` with the app."""
 
-    def __init__(self, answerer, max_batch_size: int, max_wait_s: float, max_queued: int, max_padding: float = 2.0):
-        self.answerer = answerer
+    def __init__(self, loaded, max_batch_size: int, max_wait_s: float, max_queued: int, max_padding: float = 2.0):
+        self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queued = max_queued
@@ -203,7 +203,7 @@ class Engine:
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len({j.request_id for j in batch}))
         try:
-            completions = await asyncio.to_thread(run_batch, self.answerer, batch)
+            completions = await asyncio.to_thread(run_batch, self.loaded, batch)
         except Exception as error:  # noqa: BLE001 - retried job by job so one failure costs only itself
             self.stats.failed_batches += 1
             if len(batch) == 1:
@@ -318,29 +318,29 @@ class _RowStreamer(BaseStreamer):
 
 
 @torch.inference_mode()
-def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
+def run_batch(loaded, jobs: list[Job]) -> list[Completion]:
     """One batch of jobs that share sampling settings: echo logprobs by one forward, then `generate`."""
-    processor, model, device = answerer.processor, answerer.model, answerer.device
+    processor, model, device = loaded.processor, loaded.model, loaded.device
     longest_new = max(job.max_new_tokens for job in jobs)
     if not any(job.echo_logprobs for job in jobs):
         prompt_logprobs = [None] * len(jobs)
     else:
-        prompt_logprobs, next_logits = _prompt_logprobs(answerer, jobs)
+        prompt_logprobs, next_logits = _prompt_logprobs(loaded, jobs)
         if longest_new == 0:
             return [Completion([], "", "length", prompt_logprobs=lp) for lp in prompt_logprobs]
         if longest_new == 1 and jobs[0].sampling.greedy:
             # lm-eval's log-likelihood request (echo, max_tokens=1): the one greedy token is the argmax of
             # the forward just run, so no second pass through `generate`.
             return [
-                _one_greedy_token(answerer, job, logits, logprobs) for job, logits, logprobs in zip(jobs, next_logits, prompt_logprobs)
+                _one_greedy_token(loaded, job, logits, logprobs) for job, logits, logprobs in zip(jobs, next_logits, prompt_logprobs)
             ]
 
-    input_ids, attention_mask, protein_input_ids = _pad(answerer, jobs, side="left")
+    input_ids, attention_mask, protein_input_ids = _pad(loaded, jobs, side="left")
     sampling = jobs[0].sampling
     options = {"do_sample": False} if sampling.greedy else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     want_logits = any(job.logprobs is not None for job in jobs)
     row_stops = _RowStops(jobs, input_ids.shape[1], processor.tokenizer)
-    streamer = _RowStreamer(jobs, set(answerer.stop_token_ids), row_stops.ended_rows) if any(job.stream for job in jobs) else None
+    streamer = _RowStreamer(jobs, set(loaded.stop_token_ids), row_stops.ended_rows) if any(job.stream for job in jobs) else None
     # A seeded job draws from its own generator state and leaves the process's untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if sampling.seed is not None:
@@ -350,7 +350,7 @@ def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
             attention_mask=attention_mask,
             **({"protein_input_ids": protein_input_ids} if protein_input_ids is not None else {}),
             max_new_tokens=longest_new,
-            **answerer.generation_options(),
+            **loaded.generation_options(),
             stopping_criteria=StoppingCriteriaList([row_stops]),
             streamer=streamer,
             return_dict_in_generate=True,
@@ -364,11 +364,11 @@ def run_batch(answerer, jobs: list[Job]) -> list[Completion]:
         # A row the stopping criterion ended is padding after that point.
         tokens = new_tokens[row][: min(job.max_new_tokens, row_stops.ended_rows.get(row, job.max_new_tokens))]
         row_logits = logits[row] if logits is not None else None
-        completions.append(_finish_row(answerer, job, tokens, row_logits, prompt_logprobs[row]))
+        completions.append(_finish_row(loaded, job, tokens, row_logits, prompt_logprobs[row]))
     return completions
 
 
-def _finish_row(answerer, job: Job, tokens: list[int], logits: torch.Tensor | None, prompt_logprobs) -> Completion:
+def _finish_row(loaded, job: Job, tokens: list[int], logits: torch.Tensor | None, prompt_logprobs) -> Completion:
     """A row's new tokens → its completion (`logits`: (new tokens, vocab), the raw scores at each position).
 
     The text stops before the first stop token or stop string. The token ids and logprobs keep every token
@@ -376,13 +376,11 @@ def _finish_row(answerer, job: Job, tokens: list[int], logits: torch.Tensor | No
     scores an echoed prompt by dropping the reply's last token, so a reply that left out a generated stop
     token would cost the continuation its own last token.
     """
-    tokenizer = answerer.processor.tokenizer
-    finish = "length"
-    text_tokens = tokens
-    for index, token in enumerate(tokens):
-        if token in answerer.stop_token_ids:
-            tokens, text_tokens, finish = tokens[: index + 1], tokens[:index], "stop"
-            break
+    tokenizer = loaded.processor.tokenizer
+    text_tokens, stopped = loaded.reply_tokens(tokens)
+    finish = "stop" if stopped else "length"
+    if stopped:
+        tokens = tokens[: len(text_tokens) + 1]
     text = tokenizer.decode(text_tokens, skip_special_tokens=True)
     found = [(text.find(stop), len(stop)) for stop in job.stop if stop in text]
     if found:
@@ -415,19 +413,19 @@ def _token_logprobs(position_logprobs: torch.Tensor, token: int, top: int) -> To
     return TokenLogprobs(token, float(position_logprobs[token]), best)
 
 
-def _one_greedy_token(answerer, job: Job, logits: torch.Tensor, prompt_logprobs) -> Completion:
+def _one_greedy_token(loaded, job: Job, logits: torch.Tensor, prompt_logprobs) -> Completion:
     """The completion `generate` would give for one greedy new token, from the prompt's last logits."""
     choosable = logits.clone()
-    if answerer.processor.protein_token_id < choosable.shape[0]:
-        choosable[answerer.processor.protein_token_id] = float("-inf")  # as generate's suppress_tokens
-    return _finish_row(answerer, job, [int(choosable.argmax())], logits[None], prompt_logprobs)
+    if loaded.processor.protein_token_id < choosable.shape[0]:
+        choosable[loaded.processor.protein_token_id] = float("-inf")  # as generate's suppress_tokens
+    return _finish_row(loaded, job, [int(choosable.argmax())], logits[None], prompt_logprobs)
 
 
-def _prompt_logprobs(answerer, jobs: list[Job]) -> tuple[list[list[TokenLogprobs | None] | None], list[torch.Tensor]]:
+def _prompt_logprobs(loaded, jobs: list[Job]) -> tuple[list[list[TokenLogprobs | None] | None], list[torch.Tensor]]:
     """Every prompt token's log-probability given the tokens before it, by one right-padded forward;
     also each prompt's logits for the next (first new) token."""
-    input_ids, attention_mask, protein_input_ids = _pad(answerer, jobs, side="right")
-    logits = answerer.model(
+    input_ids, attention_mask, protein_input_ids = _pad(loaded, jobs, side="right")
+    logits = loaded.model(
         input_ids=input_ids, attention_mask=attention_mask, protein_input_ids=protein_input_ids, use_cache=False
     ).logits  # (batch, length, vocab)
     result, next_logits = [], []
@@ -439,7 +437,7 @@ def _prompt_logprobs(answerer, jobs: list[Job]) -> tuple[list[list[TokenLogprobs
         ids = job.prompt.input_ids
         row_logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)  # predicts ids[1:]
         top = job.logprobs or 0
-        placeholder = answerer.processor.protein_token_id
+        placeholder = loaded.processor.protein_token_id
         # A placeholder position holds a protein feature, not a token: it has no log-probability.
         result.append(
             [None]
@@ -448,9 +446,9 @@ def _prompt_logprobs(answerer, jobs: list[Job]) -> tuple[list[list[TokenLogprobs
     return result, next_logits
 
 
-def _pad(answerer, jobs: list[Job], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _pad(loaded, jobs: list[Job], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     longest = max(job.prompt.num_tokens for job in jobs)
-    input_ids = torch.full((len(jobs), longest), answerer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(jobs), longest), loaded.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(jobs), longest), dtype=torch.long)
     for row, job in enumerate(jobs):
         ids = torch.tensor(job.prompt.input_ids, dtype=torch.long)
@@ -458,5 +456,5 @@ def _pad(answerer, jobs: list[Job], side: str) -> tuple[torch.Tensor, torch.Tens
         input_ids[row, span] = ids
         attention_mask[row, span] = 1
     proteins = [residues for job in jobs for residues in job.prompt.proteins]
-    protein_input_ids = answerer.processor.encode_proteins(proteins).to(answerer.device) if proteins else None
-    return input_ids.to(answerer.device), attention_mask.to(answerer.device), protein_input_ids
+    protein_input_ids = loaded.processor.encode_proteins(proteins).to(loaded.device) if proteins else None
+    return input_ids.to(loaded.device), attention_mask.to(loaded.device), protein_input_ids

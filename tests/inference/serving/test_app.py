@@ -24,15 +24,15 @@ def test_health(client):
 
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
-    _, answerer = server
+    _, loaded = server
     single = []
     for sequence in SEQUENCES:
         response = ask(client, [sequence])
         assert response.status_code == 200, response.text
         single.append(response.json()["answers"][0])
-    # The server's answers are the Answerer's own, one prompt at a time.
-    prompt = answerer.render([{"role": "user", "content": user_message(QUESTION, SEQUENCES[0])}])
-    assert single[0] == answerer.answer([prompt], 6)[0]
+    # The server's answers are `LoadedModel.answer`'s own, one prompt at a time.
+    prompt = loaded.render_chat([{"role": "user", "content": user_message(QUESTION, SEQUENCES[0])}])
+    assert single[0] == loaded.answer([prompt], 6)[0]
 
     with ThreadPoolExecutor(len(SEQUENCES)) as pool:
         responses = list(pool.map(lambda s: ask(client, [s]), SEQUENCES))
@@ -43,15 +43,15 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
 
     # One request with several sequences (and a smaller token limit): one answer each, in order.
     response = ask(client, SEQUENCES, max_new_tokens=3)
-    shorter = [answerer.answer([answerer.render([{"role": "user", "content": user_message(QUESTION, s)}])], 3)[0] for s in SEQUENCES]
+    shorter = [loaded.answer([loaded.render_chat([{"role": "user", "content": user_message(QUESTION, s)}])], 3)[0] for s in SEQUENCES]
     assert response.json() == {"answers": shorter}
 
 
 def test_template_instead_of_question(server, client):
-    _, answerer = server
+    _, loaded = server
     response = client.post("/v1/answer", json={"sequences": ["MKTAYIAKQR"], "template": "function", "max_new_tokens": 4})
-    prompt = answerer.render([{"role": "user", "content": user_message(TEMPLATES["function"], "MKTAYIAKQR")}])
-    assert response.json() == {"answers": [answerer.answer([prompt], 4)[0]]}
+    prompt = loaded.render_chat([{"role": "user", "content": user_message(TEMPLATES["function"], "MKTAYIAKQR")}])
+    assert response.json() == {"answers": [loaded.answer([prompt], 4)[0]]}
 
 
 def test_oversized_body_is_413(client):

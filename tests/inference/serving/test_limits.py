@@ -16,8 +16,8 @@ from protein_llava.inference.serving.prompts import PreparedPrompt, prepare_text
 ANSWER = {"sequences": ["MKTAYIAKQR"], "question": "ok?", "max_new_tokens": 2}
 
 
-def serve(answerer, **limits):
-    return live_server(create_app(answerer, ServerLimits(**limits), model_name=MODEL_NAME))
+def serve(loaded, **limits):
+    return live_server(create_app(loaded, ServerLimits(**limits), model_name=MODEL_NAME))
 
 
 def stats(client) -> dict:

@@ -17,14 +17,14 @@ PROTEIN = "MKTAYIAKQRQISFVK"
 QUESTION = "What is the function of this protein?"
 
 
-def direct_logprobs(answerer, input_ids, proteins=()):
+def direct_logprobs(loaded, input_ids, proteins=()):
     """log P(token i | tokens < i) for i >= 1, by one plain forward of the model."""
     ids = torch.tensor([input_ids])
-    extra = {"protein_input_ids": answerer.processor.encode_proteins(list(proteins))} if proteins else {}
+    extra = {"protein_input_ids": loaded.processor.encode_proteins(list(proteins))} if proteins else {}
     with torch.inference_mode():
-        logits = answerer.model(input_ids=ids, **extra).logits[0].float()
+        logits = loaded.model(input_ids=ids, **extra).logits[0].float()
     logp = logits.log_softmax(-1)
-    placeholder = answerer.processor.protein_token_id
+    placeholder = loaded.processor.protein_token_id
     return [None if input_ids[i] == placeholder else float(logp[i - 1, input_ids[i]]) for i in range(1, len(input_ids))]
 
 
@@ -35,16 +35,16 @@ def test_models_lists_the_served_model(client):
 
 
 def test_echo_logprobs_equal_a_direct_forward(server, client):
-    _, answerer = server
+    _, loaded = server
     text = "The quick brown fox"
     response = client.post("/v1/completions", json={"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0})
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
     logprobs = choice["logprobs"]
-    ids = answerer.processor.tokenizer(text)["input_ids"]
+    ids = loaded.processor.tokenizer(text)["input_ids"]
     assert len(logprobs["tokens"]) == len(ids) + 1  # the prompt, then the one generated token
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
-    assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(direct_logprobs(answerer, ids), abs=1e-5)
+    assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(direct_logprobs(loaded, ids), abs=1e-5)
     assert "".join(logprobs["tokens"]) == choice["text"]
     assert choice["text"].startswith(text)
     assert logprobs["text_offset"] == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(len(logprobs["tokens"]))]
@@ -58,8 +58,8 @@ def test_echo_logprobs_equal_a_direct_forward(server, client):
 
 
 def test_logprobs_after_a_protein_are_exact_and_inside_are_null(server, client):
-    _, answerer = server
-    processor = answerer.processor
+    _, loaded = server
+    processor = loaded.processor
     text = f"Protein: <seq> {' '.join(PROTEIN)} </seq> is an enzyme"
     ids = processor.tokenizer(text)["input_ids"]
     response = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
@@ -69,7 +69,7 @@ def test_logprobs_after_a_protein_are_exact_and_inside_are_null(server, client):
     # The model's own input for this text, through the processor (as eval.py builds it).
     expanded, proteins = processor.expand_proteins(text)
     model_ids = processor.tokenizer(expanded)["input_ids"]
-    expected = direct_logprobs(answerer, model_ids, proteins)
+    expected = direct_logprobs(loaded, model_ids, proteins)
     tail = len(processor.tokenizer(" is an enzyme", add_special_tokens=False)["input_ids"])
     assert logprobs["token_logprobs"][-tail:] == pytest.approx(expected[-tail:], abs=1e-5)
     span = text.index("<seq>"), text.index("</seq>") + len("</seq>")
@@ -79,9 +79,9 @@ def test_logprobs_after_a_protein_are_exact_and_inside_are_null(server, client):
 
 
 def test_text_and_token_prompts_give_the_same_answer(server, client):
-    _, answerer = server
+    _, loaded = server
     text = f"Describe <seq> {' '.join(PROTEIN)} </seq> please:"
-    ids = answerer.processor.tokenizer(text)["input_ids"]
+    ids = loaded.processor.tokenizer(text)["input_ids"]
     payload = {"max_tokens": 6, "temperature": 0, "logprobs": 1}
     by_text = client.post("/v1/completions", json={"prompt": text, **payload}).json()
     by_ids = client.post("/v1/completions", json={"prompt": [ids, ids], **payload}).json()
@@ -115,7 +115,7 @@ def test_seeded_sampling_is_repeatable(client):
 
 
 def test_chat_content_forms_agree_with_answer(server, client):
-    _, answerer = server
+    _, loaded = server
     as_text = {"messages": [{"role": "user", "content": user_message(QUESTION, PROTEIN)}], "max_tokens": 6, "temperature": 0}
     parts = [{"type": "text", "text": QUESTION + "\nPresented here is a sequence of amino acids in a protein: "}, {"type": "protein", "sequence": PROTEIN}]
     as_parts = {"messages": [{"role": "user", "content": parts}], "max_tokens": 6, "temperature": 0}
@@ -124,8 +124,8 @@ def test_chat_content_forms_agree_with_answer(server, client):
     answer = client.post("/v1/answer", json={"sequences": [PROTEIN], "question": QUESTION, "max_new_tokens": 6}).json()
     assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
     assert first["choices"][0]["message"]["content"].strip() == answer["answers"][0]
-    prompt = answerer.render([{"role": "user", "content": user_message(QUESTION, PROTEIN)}])
-    assert first["usage"]["prompt_tokens"] == len(answerer.processor(text=prompt, add_special_tokens=False)["input_ids"][0])
+    prompt = loaded.render_chat([{"role": "user", "content": user_message(QUESTION, PROTEIN)}])
+    assert first["usage"]["prompt_tokens"] == len(loaded.processor(text=prompt, add_special_tokens=False)["input_ids"][0])
 
 
 def read_events(response) -> list:
@@ -238,9 +238,9 @@ def test_streaming_holds_back_what_may_become_a_stop_string():
     assert _streamable("abc", ("x", "bcd")) == "a"
 
 
-def stopping_at(answerer, token: int):
+def stopping_at(loaded, token: int):
     """The same model with `token` as its only stop token (a stand-in for an end-of-turn the model predicts)."""
-    stopping = copy.copy(answerer)
+    stopping = copy.copy(loaded)
     stopping.stop_token_ids = [token]
     return stopping
 
@@ -248,13 +248,13 @@ def stopping_at(answerer, token: int):
 def test_a_generated_stop_token_stays_in_the_echoed_logprobs(server, client):
     """lm-eval's log-likelihood request (echo, max_tokens=1) takes the reply as prompt + one generated token
     and drops the last: the generated token must be there even when it is a stop token."""
-    _, answerer = server
-    ids = answerer.processor.tokenizer("The quick brown fox")["input_ids"]
+    _, loaded = server
+    ids = loaded.processor.tokenizer("The quick brown fox")["input_ids"]
     (greedy,) = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 0}).json()[
         "choices"
     ][0]["logprobs"]["tokens"]
-    token = answerer.processor.tokenizer.convert_tokens_to_ids(answerer.processor.tokenizer.tokenize(greedy))[0]
-    with live_server(create_app(stopping_at(answerer, token), TEST_LIMITS, model_name=MODEL_NAME)) as url:
+    token = loaded.processor.tokenizer.convert_tokens_to_ids(loaded.processor.tokenizer.tokenize(greedy))[0]
+    with live_server(create_app(stopping_at(loaded, token), TEST_LIMITS, model_name=MODEL_NAME)) as url:
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as stopping_client:
             body = {"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
             choice = stopping_client.post("/v1/completions", json=body).json()["choices"][0]
@@ -262,16 +262,16 @@ def test_a_generated_stop_token_stays_in_the_echoed_logprobs(server, client):
     assert choice["finish_reason"] == "stop"
     assert len(logprobs["tokens"]) == len(ids) + 1  # the prompt, then the stop token it generated
     assert logprobs["tokens"][-1] == greedy
-    direct = direct_logprobs(answerer, ids + [token])
+    direct = direct_logprobs(loaded, ids + [token])
     assert logprobs["token_logprobs"][1:] == pytest.approx(direct, abs=1e-5)
     assert choice["text"] == "".join(logprobs["tokens"][:-1])  # the text leaves the stop token out
 
 
-def greedy_ids(answerer, text: str, add_special_tokens: bool, count: int) -> list[int]:
+def greedy_ids(loaded, text: str, add_special_tokens: bool, count: int) -> list[int]:
     """The model's first `count` greedy tokens after `text`, by `generate` outside the server."""
-    inputs = answerer.processor(text=text, add_special_tokens=add_special_tokens)
+    inputs = loaded.processor(text=text, add_special_tokens=add_special_tokens)
     with torch.inference_mode():
-        output = answerer.model.generate(**inputs, max_new_tokens=count, do_sample=False, **answerer.generation_options())
+        output = loaded.model.generate(**inputs, max_new_tokens=count, do_sample=False, **loaded.generation_options())
     return output[0, inputs["input_ids"].shape[1] :].tolist()
 
 
@@ -279,21 +279,21 @@ def test_a_stop_in_the_middle_keeps_the_tokens_up_to_it(server, client):
     """max_tokens > 1 with a stop token, then a stop string, mid-answer: logprobs, usage and finish_reason
     cover the generated tokens up to the one that ended generation; the text stops before it. Chat and
     streamed chat give the same logprobs."""
-    _, answerer = server
-    tokenizer = answerer.processor.tokenizer
+    _, loaded = server
+    tokenizer = loaded.processor.tokenizer
     payload = {"prompt": "abc", "max_tokens": 8, "temperature": 0, "logprobs": 0}
     free = client.post("/v1/completions", json=payload).json()["choices"][0]["logprobs"]
-    free_ids = greedy_ids(answerer, text="abc", add_special_tokens=True, count=8)
+    free_ids = greedy_ids(loaded, text="abc", add_special_tokens=True, count=8)
     assert [tokenizer.decode([t]) for t in free_ids] == free["tokens"]
     at = next(i for i in range(2, len(free_ids)) if free_ids[i] not in free_ids[:i])
     messages = [{"role": "user", "content": user_message(QUESTION, PROTEIN)}]
     chat_payload = {"messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2}
     free_chat = client.post("/v1/chat/completions", json=chat_payload).json()["choices"][0]["logprobs"]["content"]
-    chat_ids = greedy_ids(answerer, text=answerer.render(messages), add_special_tokens=False, count=len(free_chat))
+    chat_ids = greedy_ids(loaded, text=loaded.render_chat(messages), add_special_tokens=False, count=len(free_chat))
     assert [tokenizer.decode([t]) for t in chat_ids] == [entry["token"] for entry in free_chat]
     chat_at = next(i for i in range(1, len(chat_ids)) if chat_ids[i] not in chat_ids[:i])
 
-    with live_server(create_app(stopping_at(answerer, free_ids[at]), TEST_LIMITS, model_name=MODEL_NAME)) as url:
+    with live_server(create_app(stopping_at(loaded, free_ids[at]), TEST_LIMITS, model_name=MODEL_NAME)) as url:
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as stopping_client:
             cut = stopping_client.post("/v1/completions", json=payload).json()
     choice = cut["choices"][0]
@@ -311,7 +311,7 @@ def test_a_stop_in_the_middle_keeps_the_tokens_up_to_it(server, client):
     assert by_string["logprobs"]["tokens"] == free["tokens"][:3]
     assert by_string["text"] == "".join(free["tokens"][:2])
 
-    with live_server(create_app(stopping_at(answerer, chat_ids[chat_at]), TEST_LIMITS, model_name=MODEL_NAME)) as url:
+    with live_server(create_app(stopping_at(loaded, chat_ids[chat_at]), TEST_LIMITS, model_name=MODEL_NAME)) as url:
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as stopping_client:
             whole = stopping_client.post("/v1/chat/completions", json=chat_payload).json()
             with stopping_client.stream("POST", "/v1/chat/completions", json={**chat_payload, "stream": True}) as response:

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 import lightning as L
 from torch import nn
 
-from ..evaluation.arms import Arm
 from ..evaluation.benchmarks import BenchmarkItem
 from ..evaluation.config import EvalConfig
 from ..evaluation.report import accuracy_by_type
 from ..evaluation.runner import evaluate_arm
-from ..loading import ensure_pad_token
+from ..loading import LoadedModel, ensure_pad_token
 
 
 @dataclass(eq=False)  # callbacks are compared by identity
@@ -72,7 +71,7 @@ class HeldOutEvaluation(L.Callback):
         modes = _training_modes(model)
         model.eval()
         try:
-            arm = Arm(self.name, "(in training)", model, self.tokenizer, self.processor)
+            arm = LoadedModel(model, self.tokenizer, self.processor, name=self.name, source="(in training)")
             sets = {"": self.items}
             last = self.final_step is not None and trainer.global_step == self.final_step
             if last and self.ablated_items:

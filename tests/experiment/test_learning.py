@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from protein_llava.data.demo import QUESTION_TYPES
-from protein_llava.training.experiment import (
+from protein_llava.experiment.learning import (
     ExperimentConfig,
     eval_steps,
     multimodal_encoder,

@@ -107,8 +107,8 @@ class ArmRun:
 
 
 def _train(config: ExperimentConfig, overrides: list[str], callback: HeldOutEvaluation, label: str, run: ArmRun) -> None:
-    from .config import compose_train_config
-    from .run import train
+    from ..training.config import compose_train_config
+    from ..training.run import train
 
     started = time.perf_counter()
     train(compose_train_config(overrides, config.train_config_dir), callbacks=[callback])
@@ -134,9 +134,9 @@ def multimodal_encoder(config: ExperimentConfig):
     """The frozen encoder the multimodal arm reads through, for the probe arm: the model `train()` builds for
     the arm's stage 1 (same overrides, so the same preset, weights and seed: `build_preset` seeds torch with
     `seed` right before the model, so the random-init encoder is bit-identical), its decoder dropped."""
-    from .config import compose_train_config
-    from .plan import resolve_plan
-    from .run import build_model
+    from ..training.config import compose_train_config
+    from ..training.plan import resolve_plan
+    from ..training.run import build_model
 
     overrides = [*common_overrides(config), "stage=1", f"out={Path(config.out) / 'multimodal' / 'stage1'}"]
     model, _, _ = build_model(resolve_plan(compose_train_config(overrides, config.train_config_dir)))
