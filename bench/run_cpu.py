@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def demo_model():
     """smollm2-demo shapes, random weights, with the byte-level tokenizer (vocabulary size as SmolLM2's)."""
     torch.manual_seed(0)
-    config = ProteinLLMConfig.from_preset("smollm2-demo")
+    # One token per residue, no summary token, no output norm: the shape bench/README's figures were measured
+    # on (the preset's projector pools 2 residues per token since issue #20; the kernels timed here are the same).
+    config = ProteinLLMConfig.from_preset("smollm2-demo").with_projector(token_reduction="none", summary_token=False, output_norm="none")
     decoder = AutoModelForCausalLM.from_config(config.text_config)
     model, processor = build_protein_llm(config, byte_level_tokenizer(), decoder)
     return model, processor

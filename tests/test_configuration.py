@@ -64,7 +64,7 @@ def test_every_shipped_preset_loads_and_builds(name):
     assert sum(p.numel() for p in model.language_model.parameters()) > decoder_layers
     encoder_layers = encoder.num_layers * sum(p.numel() for p in model.protein_encoder.esm.layers[0].parameters())
     assert sum(p.numel() for p in model.protein_encoder.parameters()) > encoder_layers
-    if preset.decoder == "random":  # the tiny ones build for real, with their tokenizer
+    if preset.decoder_source == "random":  # the tiny ones build for real, with their tokenizer
         built, processor = build_preset(name)
         # The one difference: the builder fills pad_token_id from the tokenizer when the preset leaves it null.
         assert {**built.config.text_config.to_dict(), "pad_token_id": None} == config.text_config.to_dict()
@@ -86,8 +86,8 @@ def test_a_preset_file_is_validated(tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({**good, "decodr": "random"}))
     with pytest.raises(ValueError, match="keys must be"):
         load_preset("typo", tmp_path)
-    (tmp_path / "kind.json").write_text(json.dumps({**good, "decoder": "hub"}))
-    with pytest.raises(ValueError, match="preset 'kind': decoder must be one of"):
+    (tmp_path / "kind.json").write_text(json.dumps({**good, "decoder_source": "hub"}))
+    with pytest.raises(ValueError, match="preset 'kind': decoder_source must be one of"):
         load_preset("kind", tmp_path)
     (tmp_path / "shape.json").write_text(json.dumps({**good, "config": {**good["config"], "encoder_config": {"num_layers": 0}}}))
     with pytest.raises(StrictDataclassClassValidationError, match="num_layers must be >= 1"):
@@ -97,18 +97,25 @@ def test_a_preset_file_is_validated(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
-def test_the_yaml_model_configs_agree_with_the_presets(path):
+def test_the_yaml_model_configs_only_pick_a_preset_and_paths(path):
+    """One home per preset: a model group names its preset and the run's choices around it (a decoder folder,
+    encoder weights, kernels), never what the preset's JSON says (shapes, projector, dtype)."""
     model = yaml.safe_load(path.read_text())
     preset = load_preset(model["preset"])
-    if not model["text_only"]:
+    assert set(model) <= {"name", "preset", "text_only", "decoder", "encoder_weights", "attn_implementation"}
+    if not model.get("text_only", False):
         assert model["name"] == model["preset"]  # a multimodal model group is its preset
-        ProteinLLMConfig.from_preset(preset.name).with_projector(**model["projector"])
-    assert model["dtype"] == preset.dtype
-    assert model["encoder_weights"] in (None, preset.pretrained_encoder)
-    if preset.decoder == "folder":
-        assert model["decoder"], f"{path.name}: preset {preset.name!r} needs a decoder folder"
+    assert model.get("encoder_weights") in (None, preset.pretrained_encoder)
+    if preset.decoder_source == "folder":
+        assert model.get("decoder"), f"{path.name}: preset {preset.name!r} needs a decoder folder"
     else:
-        assert model["decoder"] is None
+        assert model.get("decoder") is None
+
+
+def test_the_demo_preset_holds_the_demo_projector():
+    """The recipe of issue #20 is the smollm2-demo preset's own projector, not a YAML override."""
+    projector = ProteinLLMConfig.from_preset("smollm2-demo").projector_config
+    assert (projector.token_reduction, projector.pool_stride, projector.summary_token, projector.output_norm) == ("mean_pool", 2, True, "rms")
 
 
 def test_unknown_preset_and_override_named():

@@ -69,8 +69,16 @@ def test_saved_folder_restores_identical_logits(smollm2, smollm2_folder):
     _, model, processor = smollm2
     again = ProteinLLM.from_pretrained(smollm2_folder).eval()
     inputs = ProteinLLMProcessor.from_pretrained(smollm2_folder)(text=[f"<seq> {P1} </seq> What?", "plain text"])
+    for (name, saved), (_, loaded) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(loaded, saved), name  # the round trip itself is exact
     with torch.no_grad():
-        assert torch.equal(again(**inputs).logits, model(**inputs).logits)
+        # Not bit-equal: the summary token's projection is a one-row matmul, whose CPU kernel sums in an
+        # order that depends on the weight's address alignment (safetensors hands back tensors at 8-byte
+        # offsets, a fresh model's are 64-byte aligned): ~1e-7 in that token, ~5e-4 in logits of size ~20
+        # after 30 layers. The greedy choice is the same at every position.
+        restored, built = again(**inputs).logits, model(**inputs).logits
+        torch.testing.assert_close(restored, built, rtol=1e-4, atol=2e-3)
+        assert torch.equal(restored.argmax(-1), built.argmax(-1))
     assert again.language_model.lm_head.weight is again.language_model.model.embed_tokens.weight
 
 

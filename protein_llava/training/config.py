@@ -36,8 +36,36 @@ def _at_least(key: str, value, low: int, allow_none: bool = False) -> None:
 
 
 @dataclass
+class ProjectorOverrides:
+    """`model.projector.*`: fields of the preset's projector config to change for this run; null keeps the
+    preset's value (its JSON file is the one home of the defaults). Checked by `ProjectorConfig` itself when
+    `resolve_plan` applies them, so the message names the field and its allowed values."""
+
+    projector_type: str | None = None
+    """linear or mlp2x_gelu."""
+    token_reduction: str | None = None
+    """none (a token per residue), mean_pool (per pool_stride residues), mean (one per protein) or resampler."""
+    pool_stride: int | None = None
+    num_latents: int | None = None
+    """The resampler's tokens per protein."""
+    resampler_heads: int | None = None
+    summary_token: bool | None = None
+    """An extra first token per protein: the projection of its mean feature."""
+    output_norm: str | None = None
+    """none, or rms: RMS-normalised tokens with a learned gain."""
+    output_scale: float | None = None
+    """The gain's initial value (null: the decoder's token-embedding RMS, measured at build)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields set, for `ProteinLLMConfig.with_projector`."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass
 class ModelSettings:
-    """The `model` group (configs/train/model/*.yaml): which preset, which weights, which dtype."""
+    """The `model` group (configs/train/model/*.yaml): which preset, and the run's choices around it (a decoder
+    folder, encoder weights, a dtype, attention kernels, projector overrides). What the model *is* (shapes,
+    projector, decoder kind, dtype) lives once, in the preset's JSON file (protein_llava/presets/)."""
 
     name: str = MISSING
     """Names the run folders: ${checkpoints_dir}/${model.name}-stage${stage}."""
@@ -48,16 +76,23 @@ class ModelSettings:
     decoder: str | None = None
     """A local decoder folder replacing the preset's (e.g. the converted InternLM2)."""
     encoder_weights: str | None = None
-    """ESM-2 weights: a fair-esm name (esm2_t6_8M_UR50D), a .pt file or a folder; null: the preset's."""
-    dtype: str = "float32"
-    """Weights' dtype: float32, bfloat16 or float16."""
+    """ESM-2 weights to load: a fair-esm name (esm2_t6_8M_UR50D), a .pt file or a folder; null: random-init."""
+    dtype: str | None = None
+    """Weights' dtype: float32, bfloat16 or float16; null: the preset's."""
     attn_implementation: str = "sdpa"
     """The decoder's attention kernels: sdpa, eager or flash_attention_2."""
-    projector: dict[str, Any] = field(default_factory=dict)
+    projector: ProjectorOverrides = field(default_factory=ProjectorOverrides)
     """Overrides of the preset's projector config (token_reduction, pool_stride, ...)."""
 
     def __post_init__(self):
-        _choice("model.dtype", self.dtype, sorted(DTYPES))
+        if self.dtype is not None:
+            _choice("model.dtype", self.dtype, sorted(DTYPES))
+
+    def resolved_dtype(self) -> str:
+        """`dtype`, or the preset's where it is null."""
+        from ..configuration import load_preset
+
+        return self.dtype or load_preset(self.preset).dtype
 
 
 @dataclass
@@ -197,7 +232,7 @@ class QLoraSettings:
     double_quant: bool = True
     """Quantise the 4-bit blocks' scales too (0.37 bit a weight less, QLoRA paper)."""
     compute_dtype: str | None = None
-    """Dtype of the 4-bit matmuls and the adapters; null: model.dtype."""
+    """Dtype of the 4-bit matmuls and the adapters; null: the model's dtype."""
 
     def __post_init__(self):
         if self.compute_dtype is not None and self.compute_dtype not in DTYPES:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from omegaconf import DictConfig
 
 from ..configuration import ProteinLLMConfig
@@ -53,7 +54,7 @@ class TrainPlan:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.config.model.dtype]
+        return DTYPES[self.config.model.resolved_dtype()]
 
     def quantization_config(self):
         """The 4-bit NF4 config of a `stage2.llm=qlora` run (None for every other run)."""
@@ -62,7 +63,7 @@ class TrainPlan:
         from ..quantization import nf4_config
 
         settings = self.config.stage2.qlora
-        return nf4_config(DTYPES[settings.compute_dtype or self.config.model.dtype], double_quant=settings.double_quant)
+        return nf4_config(DTYPES[settings.compute_dtype or self.config.model.resolved_dtype()], double_quant=settings.double_quant)
 
 
 def stage_spec(config: TrainConfig) -> StageSpec:
@@ -92,7 +93,7 @@ def optim_config(config: TrainConfig) -> OptimConfig:
 
 def expected_model_config(config: TrainConfig) -> ProteinLLMConfig:
     """The config the run's model will have, read without loading weights (for checks before the heavy load)."""
-    model_config = ProteinLLMConfig.from_preset(config.model.preset).with_projector(**config.model.projector)
+    model_config = ProteinLLMConfig.from_preset(config.model.preset).with_projector(**config.model.projector.as_dict())
     if config.model.decoder is not None:
         from transformers import AutoConfig
 
@@ -146,6 +147,13 @@ def resolve_plan(cfg: DictConfig | TrainConfig) -> TrainPlan:
     if config.stage == 1 and config.stage1.align_steps and config.model.text_only:
         raise ValueError("stage1.align_steps needs a multimodal model")
     _check_environment(config, spec)
+    if not config.model.text_only:
+        try:  # the projector overrides, checked by ProjectorConfig itself before anything loads
+            ProteinLLMConfig.from_preset(config.model.preset).with_projector(**config.model.projector.as_dict())
+        except (ValueError, StrictDataclassClassValidationError) as error:
+            # The strict-dataclass wrapper's text is a traceback-like block; its cause is the one line.
+            cause = error.__cause__ if isinstance(error, StrictDataclassClassValidationError) else error
+            raise ValueError(f"model.projector: {cause}") from error
     projector = None
     if config.stage == 2 and not config.model.text_only:
         projector = stage1_projector_path(config)

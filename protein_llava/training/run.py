@@ -102,7 +102,7 @@ def build_model(plan: TrainPlan):
         attn_implementation=model_settings.attn_implementation,
         seed=config.seed,
         overflow=config.data.overflow,
-        projector=dict(model_settings.projector),
+        projector=model_settings.projector.as_dict(),
         quantization_config=quantization,
     )
     return model, processor, processor.tokenizer

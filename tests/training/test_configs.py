@@ -59,6 +59,16 @@ def test_a_config_built_in_python_resolves_like_a_composed_one():
     assert resolved == to_train_config(compose_train(["model=tiny", "stage=2", "checkpoints_dir=/runs"]))
 
 
+def test_the_model_group_takes_dtype_and_projector_from_the_preset():
+    demo = to_train_config(compose_train(["stage=1"]))
+    assert demo.model.dtype is None and demo.model.resolved_dtype() == "float32"
+    assert demo.model.projector.as_dict() == {}
+    target = to_train_config(compose_train(["stage=1", "model=esm2-650m-internlm2-7b"]))
+    assert target.model.resolved_dtype() == "bfloat16"  # the preset's, written nowhere else
+    overridden = to_train_config(compose_train(["stage=1", "model.dtype=bfloat16", "model.projector.pool_stride=4"]))
+    assert overridden.model.resolved_dtype() == "bfloat16" and overridden.model.projector.as_dict() == {"pool_stride": 4}
+
+
 def test_trainer_max_steps_override_wins():
     config = to_train_config(compose_train(["stage=1", "trainer.max_steps=7"]))
     assert config.max_steps == 7 and optim_config(config).total_steps == 7
@@ -77,6 +87,8 @@ def test_defaults_have_one_home():
     ("overrides", "error", "message"),
     [
         (["model.dtype=float8"], ValueError, "model.dtype must be one of"),
+        (["model.projector.token_reduction=pixels"], ValueError, "model.projector: unknown token_reduction 'pixels'"),
+        (["model.projector.pool_stride=0"], ValueError, "model.projector: .*pool_stride"),
         (["data=local", "data.path=/nonexistent/data.jsonl"], FileNotFoundError, "data.path=/nonexistent/data.jsonl"),
         (["model.decoder=/nonexistent/decoder"], FileNotFoundError, "model.decoder=/nonexistent/decoder"),
         (["resume=/nonexistent/x.ckpt"], FileNotFoundError, "resume=/nonexistent/x.ckpt"),
@@ -103,6 +115,8 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key():
     assert "could not be converted to Float" in str(info.value.__cause__) and "full_key: stage1.lr" in str(info.value.__cause__)
     with pytest.raises(ConfigCompositionException, match="max_stepz"):
         compose_train(["trainer.max_stepz=3"])
+    with pytest.raises(ConfigCompositionException, match="token_reductoin"):
+        compose_train(["model.projector.token_reductoin=none"])
     # Hydra's `+` adds the key anyway; turning the config into objects refuses it rather than drop it.
     with pytest.raises(ValueError, match="unknown key trainer.max_stepz: TrainerSettings has"):
         to_train_config(compose_train(["+trainer.max_stepz=3"]))
