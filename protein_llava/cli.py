@@ -7,8 +7,10 @@ runs, so the package and the other subcommands work without them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 from . import __version__
@@ -45,6 +47,19 @@ def _load_protein_llm(args):
     if getattr(args, "overflow", None) is not None:
         loaded.processor.overflow = args.overflow
     return loaded
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `ServerLimits` field: its name (or the field's `flag`), type, default and help live there."""
+    from .inference.server_limits import ServerLimits
+
+    hints = typing.get_type_hints(ServerLimits)
+    for limit in dataclasses.fields(ServerLimits):
+        kind = hints[limit.name]
+        convert = float if kind is float else _positive  # int and int | None: counts, >= 1
+        flag = limit.metadata["flag"] or "--" + limit.name.replace("_", "-")
+        default = "none" if limit.default is None else limit.default
+        parser.add_argument(flag, dest=limit.name, type=convert, default=limit.default, help=f"{limit.metadata['help']} (default: {default})")
 
 
 def _positive(text: str) -> int:
@@ -161,16 +176,7 @@ def serve_command(args) -> int:
     from .inference.serving import ServerLimits, create_app
 
     try:
-        limits = ServerLimits(
-            max_body_bytes=args.max_body_bytes,
-            max_sequences=args.max_sequences,
-            max_new_tokens=args.max_new_tokens_limit,
-            max_prompt_tokens=args.max_prompt_tokens,
-            max_batch_size=args.max_batch_size,
-            max_wait_ms=args.max_wait_ms,
-            max_queued=args.max_queued,
-            request_timeout_s=args.request_timeout,
-        )
+        limits = ServerLimits(**{limit.name: getattr(args, limit.name) for limit in dataclasses.fields(ServerLimits)})
     except ValueError as error:
         raise CommandError(str(error)) from error
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
@@ -453,14 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--max-batch-size", type=_positive, default=16, help="most prompts per generate call (default: 16)")
-    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests (default: 10)")
-    serve.add_argument("--max-sequences", type=_positive, default=32, help="most sequences per request (default: 32)")
-    serve.add_argument("--max-new-tokens-limit", type=_positive, default=512, help="largest max_new_tokens a request may ask (default: 512)")
-    serve.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body; larger gets 413 (default: 1 MiB)")
-    serve.add_argument("--max-prompt-tokens", type=_positive, default=None, help="most model input tokens per prompt, proteins included (default: the model's context minus max_tokens)")
-    serve.add_argument("--max-queued", type=_positive, default=64, help="most prompts waiting or running; more get 503 + Retry-After (default: 64)")
-    serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds before an unanswered request is cancelled with 504 (default: 300)")
+    _add_limit_arguments(serve)
     serve.add_argument("--served-model-name", default=None, help="the model id of /v1/models and requests' 'model' (default: the folder's name)")
     serve.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_VARIABLE}, else none)")
     serve.add_argument("--overflow", choices=("error", "truncate"), default=None, help="proteins over the encoder limit: 422, or cut (default: as saved)")

@@ -230,3 +230,21 @@ def test_export_round_trip_with_a_filled_model_card(tmp_path, capsys):
     (run / "export" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "other")]) == 2
     assert "text-only" in capsys.readouterr().err
+
+
+def test_serve_flags_are_derived_from_server_limits():
+    """Each limit's default lives once, in ServerLimits: the flags carry it, and a flag reaches its field."""
+    import dataclasses
+
+    from protein_llava.cli import build_parser
+    from protein_llava.inference.server_limits import ServerLimits
+
+    def limits(argv):
+        args = build_parser().parse_args(["serve", "--model", "folder", *argv])
+        return ServerLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServerLimits)})
+
+    assert limits([]) == ServerLimits()
+    changed = limits(["--max-batch-size", "3", "--request-timeout", "5", "--max-new-tokens-limit", "7", "--max-prompt-tokens", "99"])
+    assert changed == dataclasses.replace(ServerLimits(), max_batch_size=3, request_timeout_s=5.0, max_new_tokens=7, max_prompt_tokens=99)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "folder", "--max-queued", "0"])

@@ -20,7 +20,7 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from ...data.prompts import TEMPLATES, user_message
 from ...sequences import ProteinSequenceError
 from ...loading import LoadedModel
+from ..server_limits import ServerLimits
 from . import openai_api as oai
 from .engine import Completion, Engine, Job, JobCancelled, QueueFull, Sampling
 from .prompts import (
@@ -40,38 +41,6 @@ from .prompts import (
     prepare_text_prompt,
     prepare_token_prompt,
 )
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    max_body_bytes: int = 1 << 20
-    """Largest request body in bytes; a bigger one is refused with 413 before it is parsed."""
-    max_sequences: int = 32
-    """Most sequences (/v1/answer) or prompts (/v1/completions) one request may carry."""
-    max_new_tokens: int = 512
-    """Largest `max_new_tokens` / `max_tokens` a request may ask for."""
-    max_prompt_tokens: int | None = None
-    """Most model input tokens per prompt (text, history and protein placeholders together); None: the
-    model's context length minus the request's `max_tokens`, which is checked in any case."""
-    max_batch_size: int = 16
-    """Most prompts (from any number of requests) one `generate` call takes."""
-    max_wait_ms: float = 10.0
-    """How long the worker waits for more prompts after the first one of a batch arrives."""
-    max_queued: int = 64
-    """Most prompts waiting or running at once; more are refused with 503 and Retry-After."""
-    request_timeout_s: float = 300.0
-    """A request still unanswered after this long is cancelled and answered 504."""
-
-    def __post_init__(self):
-        for name in ("max_body_bytes", "max_sequences", "max_new_tokens", "max_batch_size", "max_queued"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 
 
 class RequestRejected(HTTPException):
