@@ -106,12 +106,9 @@ def predict_command(args) -> int:
 
 # --- chat
 
-CHAT_HELP = """commands: /protein SEQ (load another protein, new conversation), /reset (clear the conversation),
-/help, /quit (or end of input). Anything else is a question about the loaded protein."""
-
-
 def chat_command(args) -> int:
-    from .inference.predict import ChatSession, read_fasta
+    from .inference.chat import ChatSession, run_chat
+    from .inference.predict import read_fasta
     from .sequences import ProteinSequenceError
 
     sequence = args.sequence
@@ -134,34 +131,7 @@ def chat_command(args) -> int:
         print(f"protein loaded: {len(residues)} residues", file=sys.stderr)
     else:
         print("no protein loaded: questions go to the decoder alone (/protein SEQ loads one)", file=sys.stderr)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(CHAT_HELP, file=sys.stderr)
-    while True:
-        try:
-            line = input("you> " if interactive else "").strip()
-        except EOFError:
-            break
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/help":
-            print(CHAT_HELP, file=sys.stderr)
-        elif line == "/reset":
-            session.reset()
-            print("conversation cleared", file=sys.stderr)
-        elif line == "/protein" or line.startswith("/protein "):
-            try:
-                residues = session.load_protein(line[len("/protein") :])
-            except ProteinSequenceError as error:
-                print(f"error: {error}; the previous protein stays loaded", file=sys.stderr)
-                continue
-            print(f"protein loaded: {len(residues)} residues; new conversation", file=sys.stderr)
-        elif line.startswith("/"):
-            print(f"unknown command {line.split()[0]!r}; {CHAT_HELP}", file=sys.stderr)
-        else:
-            print(session.ask(line), flush=True)
+    run_chat(session, sys.stdin.isatty())
     return 0
 
 
@@ -216,146 +186,15 @@ def demo_command(args) -> int:
 # --- export
 
 
-def _run_config(run: Path):
-    """The run's composed Hydra config (hydra/.hydra/config.yaml) as a typed TrainConfig, or None when absent."""
-    from .training.config import read_run_config
-
-    path = run / "hydra" / ".hydra" / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        return read_run_config(path)
-    except Exception as error:  # omegaconf's validation errors: name the file, not a traceback
-        raise CommandError(f"{path} does not read as a train config: {error}") from error
-
-
-def _stage1_summary(folder: Path):
-    from .training.summary import RunSummary
-
-    summary = RunSummary.read(folder)
-    return summary if summary is not None and summary.stage == 1 else None
-
-
-def find_stage1_run(run: Path, config, given: Path | None) -> Path | None:
-    """The stage-1 run of a stage-2 run: `given`, else the folder of the stage-2 config's projector,
-    else `<checkpoints>/<model name>-stage1` beside the run. None when none holds a stage-1 summary."""
-    if given is not None:
-        if _stage1_summary(given) is None:
-            raise CommandError(f"--stage1-run {given} holds no stage-1 summary.json")
-        return given
-    candidates = []
-    if config is not None:
-        if config.stage2.projector:
-            candidates.append(Path(config.stage2.projector).parent)
-        from .training.config import default_run_name
-
-        name = default_run_name(config.model.name, 1)
-        candidates += [run.parent / name, Path(config.checkpoints_dir) / name]
-    return next((candidate for candidate in candidates if _stage1_summary(candidate) is not None), None)
-
-
-def _stage_rows(run: Path, summary, config) -> dict[str, str]:
-    """The card's rows of one stage from its typed summary and (when the run folder has it) its config."""
-    from .training.summary import DataReport
-
-    stage = summary.stage
-    settings = None if config is None else (config.stage1 if stage == 1 else config.stage2)
-    if summary.steps is not None:
-        steps_text = f"{summary.steps} steps"
-    else:
-        steps_text = f"max_steps {(config.trainer.max_steps or settings.max_steps) if config else '?'}"
-    if stage == 1:
-        title, trains = "stage 1 (projector alignment)", "trains the projector; encoder and decoder frozen"
-    else:
-        llm = settings.llm if settings else "?"
-        decoder = f"decoder {llm}" + (f" (r {settings.lora.r}, alpha {settings.lora.alpha})" if llm in ("lora", "qlora") else "")
-        if llm == "qlora":
-            qlora = settings.qlora
-            decoder += (
-                f" on a 4-bit NF4 decoder (double quantisation {'on' if qlora.double_quant else 'off'}, "
-                f"compute dtype {qlora.compute_dtype or config.model.resolved_dtype()}); exported de-quantised"
-            )
-        if llm in ("lora", "qlora"):
-            decoder += ", merged into the weights" if config.export.merge_adapter else ", adapter in adapter/"
-        encoder = f"encoder {settings.encoder if settings else '?'}"
-        title, trains = "stage 2 (instruction tuning)", f"projector trained, {decoder}, {encoder}"
-    details = [f"run `{summary.run}`", steps_text]
-    if settings is not None:
-        details.append(f"lr {settings.lr:g}")
-    rows = {title: ", ".join(details) + f"; {trains}"}
-    report = DataReport.read(run)
-    data = report.train if report is not None else summary.data
-    if data is not None:
-        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(data.skipped.items()))
-        rows[f"{title}: data"] = f"{data.kept} of {data.seen} records kept" + (f" (skipped: {skipped})" if skipped else "")
-    if summary.final_train_loss is not None:
-        rows[f"{title}: final train loss"] = f"{summary.final_train_loss:.4f}"
-    return rows
-
-
-def training_rows(run: Path, stage1_run: Path | None) -> dict[str, str]:
-    """The card's training table: one row per stage, its data counts and loss, and the data source."""
-    from .training.summary import RunSummary
-
-    summary = RunSummary.read(run)
-    if summary is None:
-        raise CommandError(f"{run}/summary.json is missing: is {run} a finished training run?")
-    config = _run_config(run)
-    rows = {}
-    if summary.stage == 2:
-        if stage1_run is not None:
-            rows.update(_stage_rows(stage1_run, RunSummary.read(stage1_run), _run_config(stage1_run)))
-        else:
-            rows["stage 1 (projector alignment)"] = "run not found (export --stage1-run DIR names it)"
-    rows.update(_stage_rows(run, summary, config))
-    if config is not None:
-        model, data = config.model, config.data
-        rows["preset"] = f"{model.preset} (decoder: {model.decoder or 'preset default'}, encoder weights: {model.encoder_weights or 'preset default'})"
-        where = {"demo": "the embedded demo set", "hub": data.hub_name, "local": data.path}
-        rows["data source"] = f"{data.source}: {where.get(data.source, data.path)}"
-    return rows
-
-
-def _percent(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def evaluation_rows(report_path: Path, model_export: Path) -> dict[str, str]:
-    """The card's results table from an eval run's report.json: each arm's accuracy and 95% CI."""
-    from .evaluation.report import ReportSummary
-
-    if not report_path.is_file():
-        raise CommandError(f"--eval-report {report_path}: no such file")
-    report = ReportSummary.read(report_path)
-    name = report.benchmark
-    rows = {}
-    for arm, score in report.arms.items():
-        is_this = score.source is not None and Path(score.source).resolve() == model_export.resolve()
-        text = f"accuracy {_percent(score.accuracy)}"
-        if score.ci95:
-            text += f" (95% CI {_percent(score.ci95[0])} to {_percent(score.ci95[1])})"
-        text += f", {score.n_scored} items scored"
-        rows[f"{name}: {arm}" + (" (this model)" if is_this else "")] = text
-    if report.chance is not None:
-        rows[f"{name}: chance level"] = _percent(report.chance)
-    if report.mode is not None:
-        rows[f"{name}: protocol"] = (
-            f"mode {report.mode}, prompt format {report.prompt_format}; "
-            f"{report.n_scored} of {report.n_entries} items scored, from `{report.source}`"
-        )
-    if report.mcnemar_p is not None:
-        rows[f"{name}: exact McNemar p (arms paired)"] = f"{report.mcnemar_p:.3g}"
-    return rows
-
-
 def export_command(args) -> int:
     import shutil
 
     from .configuration import ProteinLLMConfig
     from .model_card import write_model_card
+    from .training.run_folder import RunFolder
 
     run, out = args.run, args.out
-    source = run / "export"
+    source = RunFolder(run).export
     if not (source / "config.json").is_file():
         raise CommandError(f"{source}/config.json is missing: {run} is not a finished training run")
     model_type = json.loads((source / "config.json").read_text()).get("model_type")
@@ -365,17 +204,22 @@ def export_command(args) -> int:
         raise CommandError("--push needs --repo-id user/name")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CommandError(f"{out} exists and is not empty; choose a new --out or pass --force to overwrite files in it")
-    from .training.summary import RunSummary
+    from .evaluation.report import report_card_rows
+    from .training.run_folder import RunFolder, find_stage1_run, training_card_rows
 
-    summary = RunSummary.read(run)
-    stage1_run = find_stage1_run(run, _run_config(run), args.stage1_run) if summary is not None and summary.stage == 2 else None
-    training = training_rows(run, stage1_run)
-    results = evaluation_rows(args.eval_report, source) if args.eval_report else None
+    folder = RunFolder(run)
+    try:
+        summary = folder.summary()
+        stage1_run = find_stage1_run(folder, folder.config(), args.stage1_run) if summary is not None and summary.stage == 2 else None
+        training = training_card_rows(folder, stage1_run)
+        results = report_card_rows(args.eval_report, source) if args.eval_report else None
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from error
 
     shutil.copytree(source, out, dirs_exist_ok=True)
     config = ProteinLLMConfig.from_pretrained(out)
     card = write_model_card(out, config, repo=args.repo_id or str(out), training=training, results=results)
-    print(f"export: {out} (model card {card}" + (f"; stage 1 from {stage1_run}" if stage1_run else "") + ")", file=sys.stderr)
+    print(f"export: {out} (model card {card}" + (f"; stage 1 from {stage1_run.path}" if stage1_run else "") + ")", file=sys.stderr)
     if args.push:
         from huggingface_hub import HfApi
 
@@ -399,6 +243,8 @@ def convert_internlm2_command(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .inference.chat import CHAT_COMMANDS
+
     parser = argparse.ArgumentParser(
         prog="protein-llava",
         description="Ask a ProteinLLM about proteins: batch FASTA prediction, chat, an HTTP server, a browser demo, "
@@ -439,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an interactive conversation about a protein (reads questions from stdin)",
         description="Talk to the model about a protein. Reads one question per line from stdin until end of "
         "input or /quit and prints each answer on stdout; the conversation history goes through the chat "
-        "template. " + CHAT_HELP,
+        "template. " + CHAT_COMMANDS,
     )
     _add_model_arguments(chat)
     protein = chat.add_mutually_exclusive_group()

@@ -103,6 +103,17 @@ def _check_training_layout(model: nn.Module) -> None:
             )
 
 
+def describe_qlora(double_quant: bool, compute_dtype: str, merged: bool, saved_dtype: str | None = None) -> str:
+    """How a QLoRA decoder was trained and exported, in the words of both model cards (the export folder's
+    own, from the model, and `protein-llava export`'s, from the run config)."""
+    how = "adapter merged into the de-quantised weights" if merged else "adapter kept apart in adapter/, base de-quantised"
+    return (
+        f"on a 4-bit NF4 decoder (bitsandbytes, double quantisation {'on' if double_quant else 'off'}, compute "
+        f"dtype {compute_dtype}); exported with the {how}" + (f" in {saved_dtype}" if saved_dtype else "")
+        + ", so the folder loads without bitsandbytes"
+    )
+
+
 def merge_qlora(peft_model: nn.Module, merge_adapter: bool = True) -> PreTrainedModel:
     """A plain, unquantised decoder from a LoRA-wrapped 4-bit one: the standard QLoRA export.
 

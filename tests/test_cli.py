@@ -16,7 +16,7 @@ from sample_proteins import P1, P2
 from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
 from protein_llava.cli import main
 from protein_llava.data.prompts import TEMPLATES, user_message
-from protein_llava.inference.predict import ChatSession
+from protein_llava.inference.chat import ChatSession
 from protein_llava.loading import load_protein_llm
 from protein_llava.training.export import export_run
 

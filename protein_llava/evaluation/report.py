@@ -330,6 +330,34 @@ def write_report(report: dict, predictions: list[dict], flagged: list[dict], out
     return paths
 
 
+def report_card_rows(report_path: Path, model_export: Path) -> dict[str, str]:
+    """A model card's results table from an eval run's report.json (`protein-llava export --eval-report`):
+    each arm's accuracy and 95% CI, the chance level, the protocol and the paired test."""
+    if not Path(report_path).is_file():
+        raise FileNotFoundError(f"--eval-report {report_path}: no such file")
+    report = ReportSummary.read(report_path)
+    name = report.benchmark
+    rows = {}
+    for arm, score in report.arms.items():
+        is_this = score.source is not None and Path(score.source).resolve() == model_export.resolve()
+        text = f"accuracy {_percent(score.accuracy)}"
+        if score.ci95:
+            text += f" (95% CI {_percent(score.ci95[0])} to {_percent(score.ci95[1])})"
+        text += f", {score.n_scored} items scored"
+        rows[f"{name}: {arm}" + (" (this model)" if is_this else "")] = text
+    if report.chance is not None:
+        rows[f"{name}: chance level"] = _percent(report.chance)
+    if report.mode is not None:
+        rows[f"{name}: protocol"] = (
+            f"mode {report.mode}, prompt format {report.prompt_format}; "
+            f"{report.n_scored} of {report.n_entries} items scored, from `{report.source}`"
+        )
+    if report.mcnemar_p is not None:
+        rows[f"{name}: exact McNemar p (arms paired)"] = f"{report.mcnemar_p:.3g}"
+    return rows
+
+
+
 __all__ = [
     "ALL_TYPES",
     "ArmResult",
@@ -339,6 +367,7 @@ __all__ = [
     "build_report",
     "plot_report",
     "render_markdown",
+    "report_card_rows",
     "summarize_arm",
     "summarize_by_category",
     "write_report",

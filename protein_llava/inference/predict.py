@@ -1,7 +1,7 @@
-"""Answers about proteins: the chat history (`chat_messages`, `ChatSession`) and FASTA → JSONL.
+"""Answers about proteins in batch: FASTA → JSONL.
 
-Generation itself is `LoadedModel.answer` (protein_llava.loading), shared by `protein-llava predict`, `chat`,
-`serve` and the web demo. `predict_fasta` is the batch job: it validates every record first (bad ones are reported and
+Generation itself is `LoadedModel.answer` (protein_llava.loading), shared by `protein-llava predict`, `chat`
+(`inference/chat.py`), `serve` and the web demo. `predict_fasta` is the batch job: it validates every record first (bad ones are reported and
 skipped, never fatal), skips ids already answered in the output file, and appends one flushed JSONL
 line per answer so an interrupted run resumes where it stopped.
 """
@@ -18,58 +18,7 @@ from pathlib import Path
 
 from ..data.prompts import user_message
 from ..loading import LoadedModel
-from ..sequences import CheckedSequence, ProteinSequenceError, check_sequence, strip_markup
-
-
-def chat_messages(turns: list[dict], residues: str | None, protein_token: str) -> list[dict]:
-    """A conversation's turns ({"role", "content"} with plain-text content) → the messages the model reads:
-    the protein rides in the first user turn, as a training record puts it; replies lose protein markup,
-    because the processor parses the whole history again and a reply must not read as a protein.
-
-    The one history builder of `ChatSession` (the CLI chat) and the web demo."""
-    messages = []
-    for turn in turns:
-        text = turn["content"]
-        if turn["role"] == "user" and not messages:
-            text = user_message(text, residues)
-        elif turn["role"] == "assistant":
-            text = strip_markup(text, protein_token)
-        messages.append({"role": turn["role"], "content": text})
-    return messages
-
-
-class ChatSession:
-    """A conversation about one protein: the history is re-rendered through the chat template for every
-    question (`chat_messages`). Loading another protein starts afresh."""
-
-    def __init__(self, model: LoadedModel, max_new_tokens: int = 256):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.model = model
-        self.max_new_tokens = max_new_tokens
-        self.residues: str | None = None
-        self.turns: list[dict] = []
-
-    @property
-    def messages(self) -> list[dict]:
-        """The history as the model reads it."""
-        return chat_messages(self.turns, self.residues, self.model.processor.protein_token)
-
-    def load_protein(self, sequence: str) -> str:
-        """Validate and load a protein (ProteinSequenceError names a bad residue); the history is cleared."""
-        self.residues = self.model.processor.check_sequence(sequence, "the protein").residues
-        self.turns = []
-        return self.residues
-
-    def reset(self) -> None:
-        self.turns = []
-
-    def ask(self, question: str) -> str:
-        turns = [*self.turns, {"role": "user", "content": question}]
-        prompt = self.model.render_chat(chat_messages(turns, self.residues, self.model.processor.protein_token))
-        answer = self.model.answer([prompt], self.max_new_tokens)[0]
-        self.turns = [*turns, {"role": "assistant", "content": answer}]
-        return answer
+from ..sequences import CheckedSequence, ProteinSequenceError, check_sequence
 
 
 # --- FASTA records → validated queries

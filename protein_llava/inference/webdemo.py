@@ -5,7 +5,7 @@
 The protein box takes raw residues or FASTA; it is checked by `predict.check_records`, the check
 `protein-llava predict` runs, so a bad residue or an over-long protein gets the CLI's message. The first
 question carries the protein in ProteinLMDataset's form, later turns only their question, and the history
-(`predict.chat_messages`, as in `protein-llava chat`) goes through the chat template each turn.
+(`chat.chat_messages`, as in `protein-llava chat`) goes through the chat template each turn.
 
 Generation runs in a worker thread feeding a `TextIteratorStreamer`; Stop sets an event that a stopping
 criterion reads, so the partial answer stays in the chat and in the history. Event handlers queue one at a
@@ -22,7 +22,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..data.prompts import TEMPLATES
 from ..loading import LoadedModel
-from .predict import FastaRecord, Query, chat_messages, check_records
+from .chat import chat_messages
+from .predict import FastaRecord, Query, check_records
 from ..sequences import ProteinSequenceError, SequenceReason
 
 RAW_ID = "query"  # the id a pasted sequence without a FASTA header gets, as `predict --sequence` gives it
@@ -124,7 +125,7 @@ def message_text(message: dict) -> str:
 
 def model_messages(history: list[dict], residues: str | None, protein_token: str) -> list[dict]:
     """The chat shown in the browser → the messages the model reads, built as `ChatSession` builds them
-    (`predict.chat_messages`)."""
+    (`chat.chat_messages`)."""
     turns = [{"role": message["role"], "content": message_text(message)} for message in history]
     return chat_messages(turns, residues, protein_token)
 

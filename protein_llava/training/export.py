@@ -7,7 +7,8 @@ from pathlib import Path
 from torch import nn
 
 from ..modeling import ProteinLLM
-from ..quantization import compute_dtype, is_4bit, merge_qlora
+from ..quantization import compute_dtype, describe_qlora, is_4bit, merge_qlora
+from .run_folder import save_adapters
 
 
 def export_run(model: nn.Module, processor, tokenizer, folder: Path, merge_adapter: bool = True) -> Path:
@@ -24,21 +25,17 @@ def export_run(model: nn.Module, processor, tokenizer, folder: Path, merge_adapt
     language_model = model.language_model if isinstance(model, ProteinLLM) else model
     plain = language_model
     card = {}
+    if not merge_adapter:
+        save_adapters(model, folder)
     if is_4bit(language_model):
         card = {"training": {"decoder fine-tuning": qlora_card_row(language_model, merge_adapter)}}
-        if hasattr(language_model, "peft_config") and not merge_adapter:
-            language_model.save_pretrained(folder / "adapter")
         plain = merge_qlora(language_model, merge_adapter)
     elif hasattr(language_model, "peft_config"):
-        if not merge_adapter:
-            language_model.save_pretrained(folder / "adapter")
         plain = language_model.merge_and_unload() if merge_adapter else language_model.unload()
     if isinstance(model, ProteinLLM):
         model.language_model = plain
         if hasattr(model.protein_encoder.esm, "peft_config"):
             # Encoder LoRA is always merged: a saved ProteinLLM holds a plain fair-esm ESM2.
-            if not merge_adapter:
-                model.protein_encoder.esm.save_pretrained(folder / "encoder_adapter")
             model.protein_encoder.esm = model.protein_encoder.esm.merge_and_unload()
         model.save_pretrained(folder, model_card=card)
         processor.save_pretrained(folder)
@@ -51,13 +48,9 @@ def export_run(model: nn.Module, processor, tokenizer, folder: Path, merge_adapt
 def qlora_card_row(language_model: nn.Module, merged: bool) -> str:
     """The model card's line for a decoder trained with QLoRA (read before the 4-bit layers are replaced)."""
     quantization = language_model.config.quantization_config
-    double = "on" if quantization.bnb_4bit_use_double_quant else "off"
-    saved = str(language_model.config.dtype).removeprefix("torch.")
-    how = "merged into the de-quantised weights" if merged else "kept apart in adapter/, base de-quantised"
-    return (
-        f"QLoRA: LoRA adapters trained on a 4-bit {quantization.bnb_4bit_quant_type.upper()} decoder "
-        f"(bitsandbytes, double quantisation {double}, compute dtype "
-        f"{str(compute_dtype(language_model)).removeprefix('torch.')}); exported {how} in {saved}, "
-        "so this folder loads without bitsandbytes"
+    return "QLoRA: LoRA adapters trained " + describe_qlora(
+        double_quant=quantization.bnb_4bit_use_double_quant,
+        compute_dtype=str(compute_dtype(language_model)).removeprefix("torch."),
+        merged=merged,
+        saved_dtype=str(language_model.config.dtype).removeprefix("torch."),
     )
-

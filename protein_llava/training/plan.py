@@ -22,6 +22,7 @@ from ..loading import DTYPES
 from .checkpointing import PROJECTOR_FILE, check_projector_file, resolve_resume
 from .config import TrainConfig, default_run_name, to_train_config
 from .optim import OptimConfig
+from .run_folder import RunFolder
 from .stage import STAGE1, StageSpec, stage2_spec
 
 log = logging.getLogger(__name__)
@@ -165,5 +166,5 @@ def resolve_plan(cfg: DictConfig | TrainConfig) -> TrainPlan:
             )
         check_projector_file(projector, expected_model_config(config))
     out = Path(config.out)
-    resume_from = resolve_resume(config.resume, out / "lightning")
+    resume_from = resolve_resume(config.resume, RunFolder(out).lightning)
     return TrainPlan(config=config, spec=spec, optim=optim, out=out, projector=projector, resume_from=resume_from)

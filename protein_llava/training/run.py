@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -26,8 +25,9 @@ from ..data.records import RecordReport, read_conversations
 from ..data.tokenize import ConversationTokenizer
 from ..loading import DTYPES
 from ..modeling import ProteinLLM
-from .checkpointing import PROJECTOR_FILE, AtomicCheckpointIO, load_projector, save_projector
+from .checkpointing import AtomicCheckpointIO, load_projector, save_projector
 from .config import TrainConfig
+from .run_folder import LOGS, RunFolder, save_adapters
 from .console import StageProgressBar, quiet_lightning
 from .datamodule import SFTDataModule
 from .export import export_run
@@ -129,7 +129,7 @@ def attach_representation_cache(config: TrainConfig, model, datamodule: SFTDataM
 def make_trainer(plan: TrainPlan, callbacks: Sequence[L.Callback] = (), validate: bool = True) -> L.Trainer:
     config, out = plan.config, plan.out
     checkpoint = ModelCheckpoint(
-        dirpath=out / "lightning",
+        dirpath=RunFolder(out).lightning,
         filename="step{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=config.checkpoint_every,
@@ -184,11 +184,11 @@ def _build_strategy(spec: dict):
 
 def _make_logger(config: TrainConfig, out: Path):
     if config.logger == "csv":
-        return CSVLogger(save_dir=str(out), name="logs", version="")
+        return CSVLogger(save_dir=str(out), name=LOGS, version="")
     if config.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=str(out), name="logs", version="")
+        return TensorBoardLogger(save_dir=str(out), name=LOGS, version="")
     from lightning.pytorch.loggers import WandbLogger
 
     return WandbLogger(save_dir=str(out), name=config.run_name)
@@ -278,27 +278,18 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
 
 
 def _write_outputs(plan: TrainPlan, summary: RunSummary, module, processor, tokenizer, datamodule) -> None:
-    out, model = plan.out, module.model
+    run, model = RunFolder(plan.out), module.model
     if isinstance(model, ProteinLLM):
-        save_projector(model, out / PROJECTOR_FILE)
-    language_model = model.language_model if isinstance(model, ProteinLLM) else model
-    if hasattr(language_model, "peft_config"):
-        with warnings.catch_warnings():
-            # peft looks for the base model's config.json to tell whether the vocabulary was resized; a
-            # decoder loaded from a GGUF file (SmolLM2 of the demo) has none, and training never resizes it.
-            warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary")
-            language_model.save_pretrained(out / "adapter")
-    if isinstance(model, ProteinLLM) and hasattr(model.protein_encoder.esm, "peft_config"):
-        model.protein_encoder.esm.save_pretrained(out / "encoder_adapter")
+        save_projector(model, run.projector)
+    save_adapters(model, run.path)
     summary.data = DataCounts.from_dict(datamodule.report.to_dict())
     val = DataCounts.from_dict(datamodule.val_report.to_dict()) if plan.config.data.val_path else None
-    DataReport(summary.data, val).write(out)
+    DataReport(summary.data, val).write(run.path)
     log.debug("data:\n%s", datamodule.report.summary())
     summary.nonfinite_skipped_steps = module.guard.skipped
     summary.final_train_loss = module.last_train_loss
-    metrics_csv = out / "logs" / "metrics.csv"
-    if metrics_csv.is_file():
-        plot_loss_curve(metrics_csv, out / "loss.png", title=plan.config.run_name)
+    if run.metrics_csv.is_file():
+        plot_loss_curve(run.metrics_csv, run.loss_plot, title=plan.config.run_name)
         if plan.config.diagnostics.every:
-            plot_diagnostics(metrics_csv, out / "diagnostics.png", title=plan.config.run_name)
-    summary.export = str(export_run(model, processor, tokenizer, out / "export", merge_adapter=plan.config.export.merge_adapter))
+            plot_diagnostics(run.metrics_csv, run.diagnostics_plot, title=plan.config.run_name)
+    summary.export = str(export_run(model, processor, tokenizer, run.export, merge_adapter=plan.config.export.merge_adapter))

@@ -1,4 +1,4 @@
-"""protein_llava.inference.predict: prompts, FASTA records and their checks, resuming, batched == single answers, chat."""
+"""protein_llava.inference.predict: prompts, FASTA records and their checks, resuming, batched == single answers."""
 
 import json
 
@@ -7,7 +7,6 @@ from sample_proteins import P1, P2
 
 from protein_llava.data.prompts import TEMPLATES, user_message
 from protein_llava.inference.predict import (
-    ChatSession,
     FastaRecord,
     answered_ids,
     check_records,
@@ -15,7 +14,6 @@ from protein_llava.inference.predict import (
     read_fasta,
 )
 from protein_llava.loading import LoadedModel, load_protein_llm
-from protein_llava.sequences import ProteinSequenceError
 
 R1, R2 = P1.replace(" ", ""), P2.replace(" ", "")
 
@@ -101,25 +99,6 @@ def test_batched_answers_equal_single_answers(loaded):
     single = [loaded.answer([prompt], limit)[0] for prompt, limit in zip(prompts, limits)]
     assert batched == single
     assert all(isinstance(a, str) for a in batched)
-
-
-def test_chat_session_keeps_history_through_the_template(loaded):
-    session = ChatSession(loaded, max_new_tokens=4)
-    session.load_protein(R1)
-    first = session.ask("What does it do?")
-    session.ask("Where?")
-    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
-    assert session.messages[0]["content"] == user_message("What does it do?", R1)
-    assert session.messages[2]["content"] == "Where?"  # the protein rides only in the first turn
-    rendered = loaded.render_chat(session.messages[:3])
-    assert rendered.count("<seq>") == 1 and "Where?" in rendered
-    assert session.messages[1]["content"].replace("<seq>", "") == first.replace("<seq>", "")
-
-    with pytest.raises(ProteinSequenceError, match="invalid residue 'J' at position 3"):
-        session.load_protein("MKJ")
-    assert session.residues == R1 and len(session.messages) == 4  # a bad protein changes nothing
-    session.load_protein(R2)
-    assert session.messages == [] and session.residues == R2
 
 
 class FlakyModel:

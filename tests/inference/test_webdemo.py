@@ -16,7 +16,8 @@ from sample_proteins import P1, P2
 
 from protein_llava.cli import build_parser, main
 from protein_llava.data.prompts import TEMPLATES, user_message
-from protein_llava.inference.predict import ChatSession, FastaRecord, check_records
+from protein_llava.inference.chat import ChatSession
+from protein_llava.inference.predict import FastaRecord, check_records
 from protein_llava.loading import load_protein_llm
 from protein_llava.sequences import ProteinSequenceError
 from protein_llava.inference.webdemo import (

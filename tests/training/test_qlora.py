@@ -145,17 +145,19 @@ def test_qlora_stage2_run_lowers_the_loss_and_exports_a_plain_model(tmp_path, on
     assert any(k.startswith("projector.") for k in changed)
     assert not any(k.startswith("protein_encoder.") for k in changed)
 
-    from protein_llava.cli import _stage_rows
-    from protein_llava.training.config import read_run_config
-    from protein_llava.training.summary import RunSummary
+    from protein_llava.training.run_folder import RunFolder, stage_card_rows
 
     # train() called in-process writes no Hydra folder: save the composed config where train.py would.
     (run / "hydra" / ".hydra").mkdir(parents=True)
     (run / "hydra" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    rows = _stage_rows(run, RunSummary.read(run), read_run_config(run / "hydra" / ".hydra" / "config.yaml"))
-    assert "decoder qlora (r 16, alpha 32) on a 4-bit NF4 decoder (double quantisation on, compute dtype float32)" in (
+    folder = RunFolder(run)
+    rows = stage_card_rows(folder, folder.summary(), folder.config())
+    # The run's card and the export folder's own card describe QLoRA in the same words (quantization.describe_qlora).
+    assert "decoder qlora (r 16, alpha 32) on a 4-bit NF4 decoder (bitsandbytes, double quantisation on, compute dtype float32); exported with the adapter merged into the de-quantised weights, so the folder loads without bitsandbytes" in (
         rows["stage 2 (instruction tuning)"]
     )
+    export_card = (run / "export" / "README.md").read_text()
+    assert "trained on a 4-bit NF4 decoder (bitsandbytes, double quantisation on, compute dtype float32); exported with the adapter merged into the de-quantised weights in float32, so the folder loads without bitsandbytes" in export_card
 
 
 def test_qlora_config_checks(monkeypatch):

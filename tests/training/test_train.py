@@ -15,6 +15,7 @@ from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
 from protein_llava.training.config import LoraSettings, compose_train_config
 from protein_llava.training.plan import resolve_plan
 from protein_llava.training.run import train
+from protein_llava.training.run_folder import RunFolder
 from protein_llava.training.stage import ESM2_LORA_TARGETS, StageSpec, apply_stage_spec, stage2_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,12 @@ def test_stage1_outputs_and_what_it_trained(two_stage_run):
     for name in ("projector.safetensors", "loss.png", "data_report.json", "summary.json", "logs/metrics.csv", "export/config.json"):
         assert (run / name).is_file(), name
     assert len(list((run / "lightning").glob("*.ckpt"))) == 2
+    # RunFolder, the one place the layout is spelt, names what train.py wrote, and reads it back.
+    folder = RunFolder(run)
+    for path in (folder.projector, folder.loss_plot, folder.metrics_csv, folder.config_file, folder.export / "config.json"):
+        assert path.is_file(), path
+    assert folder.is_stage1() and folder.config().stage == 1 and folder.data_report().train.kept > 0
+    assert len(list(folder.lightning.glob("*.ckpt"))) == 2
     exported = ProteinLLM.from_pretrained(run / "export")
     initial, _ = build_tiny(seed=0)
     trained_projector = load_file(str(run / "projector.safetensors"))
@@ -66,6 +73,7 @@ def test_stage2_trains_projector_and_lora_then_exports_merged(two_stage_run):
     stage1 = ProteinLLM.from_pretrained(two_stage_run / "tiny-stage1" / "export")
     run = two_stage_run / "tiny-stage2"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (RunFolder(run).adapter / "adapter_model.safetensors").is_file() and not RunFolder(run).is_stage1()
     exported = ProteinLLM.from_pretrained(run / "export").eval()
     changed = {k for k, v in exported.state_dict().items() if not torch.equal(v, stage1.state_dict()[k])}
     assert any(k.startswith("projector.") for k in changed)
