@@ -18,7 +18,12 @@ import torch
 
 SMOLLM2 = "smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PROTEIN_LLM_MODEL_TYPE = "protein_llava"  # ProteinLLMConfig.model_type, read here without importing the model
+PROTEIN_LLM_MODEL_TYPE = "protein_llava"
+# Sampling temperatures under this decode greedily, wherever a caller takes one (the server, the web demo,
+# eval's generate mode): there the softmax of logits / temperature is a one-hot in float32 anyway, and far
+# under it the division overflows to inf and sampling fails on NaN probabilities (the server's fuzz test
+# found 2.7e-207). vLLM draws the same line at 1e-5.
+GREEDY_BELOW = 1e-5  # ProteinLLMConfig.model_type, read here without importing the model
 
 
 def torch_dtype(name: str | torch.dtype | None, field: str = "dtype") -> torch.dtype | None:
@@ -264,6 +269,7 @@ def load_protein_llm(
 
 __all__ = [
     "DTYPES",
+    "GREEDY_BELOW",
     "SMOLLM2",
     "LoadedModel",
     "ensure_pad_token",

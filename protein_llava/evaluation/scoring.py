@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BatchEncoding
 
-from ..loading import LoadedModel
+from ..loading import GREEDY_BELOW, LoadedModel
 from .benchmarks import ANSWER_ANCHOR
 
 _BYTE_DIGIT = re.compile(r"^<0x3[0-9]>$")  # SentencePiece byte-fallback pieces for "0".."9"
@@ -338,7 +338,7 @@ def generate_answers(
     at that temperature, seeded per batch from `seed` so a rerun gives the same outputs."""
     # The settings and stops of every other generating path (`LoadedModel.generation_options`): without the
     # end-of-turn stop a chat model's answer runs on past its turn into whatever it would say next.
-    if temperature > 0:
+    if temperature >= GREEDY_BELOW:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     else:
         sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}

@@ -21,7 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..data.prompts import TEMPLATES
-from ..loading import LoadedModel
+from ..loading import GREEDY_BELOW, LoadedModel
 from .chat import chat_messages
 from .predict import FastaRecord, Query, check_records
 from ..sequences import ProteinSequenceError, SequenceReason
@@ -191,7 +191,7 @@ class AnswerStream:
 
     def _generate(self) -> None:
         loaded = self.loaded
-        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature >= GREEDY_BELOW else {"do_sample": False}
         try:
             with torch.inference_mode():
                 loaded.model.generate(
@@ -349,7 +349,7 @@ class ProteinChat:
             if query.truncated:
                 protein += f" (truncated from {query.length})"
             protein += f" → {self.processor.num_protein_tokens(len(query.residues))} protein tokens"
-        decoding = "greedy" if stream.temperature == 0 else f"sampled at temperature {stream.temperature:g}"
+        decoding = "greedy" if stream.temperature < GREEDY_BELOW else f"sampled at temperature {stream.temperature:g}"
         return "\n".join(
             [
                 protein,

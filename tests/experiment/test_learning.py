@@ -59,6 +59,7 @@ def tiny_experiment(tmp_path_factory):
     return out, run_experiment(config)
 
 
+@pytest.mark.slow
 def test_results_are_keyed_by_arm_and_question_type(tiny_experiment):
     out, results = tiny_experiment
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
@@ -87,6 +88,7 @@ def test_results_are_keyed_by_arm_and_question_type(tiny_experiment):
     assert (manifest["num_train"], manifest["num_heldout"], manifest["seed"]) == (24, 16, 3)
 
 
+@pytest.mark.slow
 def test_held_out_accuracy_is_recorded_at_fixed_steps_on_one_axis(tiny_experiment):
     _, results = tiny_experiment
     # Multimodal: stage 1 steps 0, 2 then stage 2 continues the axis (2 + 2 = 4, 2 + 3 = 5).
@@ -96,6 +98,7 @@ def test_held_out_accuracy_is_recorded_at_fixed_steps_on_one_axis(tiny_experimen
     assert [r["step"] for r in results["curves"]["multimodal_encoder_lora"]] == [4, 5]
 
 
+@pytest.mark.slow
 def test_report_curves_and_summary_are_written(tiny_experiment):
     out, results = tiny_experiment
     report = (out / "report.md").read_text()
@@ -107,6 +110,7 @@ def test_report_curves_and_summary_are_written(tiny_experiment):
     assert entry["per_seed"] == [results["arms"]["multimodal"]["function"]["accuracy"]] and entry["mean_accuracy"] == entry["per_seed"][0]
 
 
+@pytest.mark.slow
 def test_probe_encoder_is_the_multimodal_arms_frozen_encoder(tiny_experiment):
     """The probe's encoder, built as training builds the arm, equals bit for bit the encoder the multimodal arm
     exported after stage 2 (frozen), and differs from the encoder-LoRA arm's (trained), so the check can fail."""
@@ -148,6 +152,7 @@ def test_summary_averages_the_seeds(tmp_path):
     assert "60.0% (50.0, 70.0)" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_contrast_reaches_the_multimodal_arms_only(tiny_experiment):
     """contrast_weight turns on the swap-contrast loss (it logs train/swap_gap) in the multimodal arms' stage 2,
     never in their stage 1 or in the text-only arm, which has no protein to swap."""
@@ -164,6 +169,7 @@ def test_contrast_reaches_the_multimodal_arms_only(tiny_experiment):
     assert "with swap-contrast weight 1" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_predictions_pair_the_arms_item_by_item(tiny_experiment):
     out, results = tiny_experiment
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

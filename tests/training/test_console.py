@@ -1,18 +1,14 @@
 """What `python train.py` prints: each line once, no advertisements or unactionable warnings, a progress
 bar with loss and samples/s, and a closing table; and the pieces behind it."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
+import pytest
 import torch
 
 from protein_llava.data.tokenize import Example
 from protein_llava.training.console import count_samples, render_stage_table
 from protein_llava.training.summary import DataCounts, RunSummary
 
-ROOT = Path(__file__).resolve().parents[2]
 SCREEN_LINES = 40
 
 
@@ -21,21 +17,11 @@ def screen_lines(output: str) -> list[str]:
     return [line.split("\r")[-1].strip() for line in output.split("\n") if line.split("\r")[-1].strip()]
 
 
-def run_train(*overrides: str) -> str:
-    """`python train.py OVERRIDES` as a user runs it (Hydra's logging included); stdout and stderr in order."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
-    )  # bytes: text mode would turn tqdm's carriage returns into newlines
-    output = result.stdout.decode()
-    assert result.returncode == 0, output[-3000:]
-    return output
-
-
-def test_each_stage_prints_one_screen_without_repeats_and_ends_with_its_table(tmp_path):
-    common = ["model=tiny", "trainer.max_steps=3", "trainer.log_every_n_steps=1", "progress_every=1", f"checkpoints_dir={tmp_path}"]
+@pytest.mark.slow
+def test_each_stage_prints_one_screen_without_repeats_and_ends_with_its_table(tiny_two_stage_run):
+    checkpoints = tiny_two_stage_run.checkpoints
     for stage in (1, 2):
-        output = run_train(f"stage={stage}", *common)
+        output = tiny_two_stage_run.output[stage]
         lines = screen_lines(output)
         repeated = sorted({line for line in lines if lines.count(line) > 1})
         assert not repeated, repeated
@@ -46,11 +32,11 @@ def test_each_stage_prints_one_screen_without_repeats_and_ends_with_its_table(tm
         assert any(line.startswith("Epoch 0: 100%") and "loss=" in line and "samples/s=" in line for line in lines), lines
         table = lines[lines.index(f"stage {stage} finished: tiny-stage{stage}"):]
         assert [row.split()[0] for row in table[2:]] == ["steps", "wall", "final", "records", "run", "model"]
-        assert table[2].split() == ["steps", "3"]
+        assert table[2].split() == ["steps", "6"]
         assert table[5] == "records     3200 kept of 3200; skipped: none"
-        assert table[6] == f"run folder  {tmp_path / f'tiny-stage{stage}'}"
+        assert table[6] == f"run folder  {checkpoints / f'tiny-stage{stage}'}"
         # Everything also goes to the run's log file, once.
-        log = (tmp_path / f"tiny-stage{stage}" / "hydra" / "train.log").read_text()
+        log = (checkpoints / f"tiny-stage{stage}" / "hydra" / "train.log").read_text()
         assert log.count("Seed set to 0") == 1
 
 

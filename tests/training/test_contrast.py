@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from protein_llava import build_tiny
 from protein_llava.data.collate import SWAPPED_PREFIX, PaddedCollator, swap_batch_proteins
 from protein_llava.data.records import Conversation, Turn
 from protein_llava.constants import IGNORE_INDEX

@@ -31,18 +31,7 @@ def run_script(args, cwd=ROOT, timeout=300, check=True):
     return result
 
 
-# Session scope: `make test` runs pytest-xdist workers, which interleave modules; a module-scoped run would
-# be torn down and built again when a test of its module comes back to a worker.
-@pytest.fixture(scope="session")
-def two_stage_run(tmp_path_factory):
-    """`python train.py stage=1` then `stage=2`, literally, on the tiny preset (stage 2 finds stage 1 by default)."""
-    checkpoints = tmp_path_factory.mktemp("checkpoints")
-    common = ["model=tiny", "trainer.max_steps=6", f"checkpoints_dir={checkpoints}", "checkpoint_every=3", "trainer.log_every_n_steps=1"]
-    run_script(["stage=1", *common])
-    run_script(["stage=2", *common])
-    return checkpoints
-
-
+@pytest.mark.slow
 def test_stage1_outputs_and_what_it_trained(two_stage_run):
     run = two_stage_run / "tiny-stage1"
     for name in ("projector.safetensors", "loss.png", "data_report.json", "summary.json", "logs/metrics.csv", "export/config.json"):
@@ -69,6 +58,7 @@ def test_stage1_outputs_and_what_it_trained(two_stage_run):
     assert report["train"]["kept"] == 3200 and report["train"]["skipped"] == {}  # 800 proteins × 4 question types
 
 
+@pytest.mark.slow
 def test_stage2_trains_projector_and_lora_then_exports_merged(two_stage_run):
     stage1 = ProteinLLM.from_pretrained(two_stage_run / "tiny-stage1" / "export")
     run = two_stage_run / "tiny-stage2"
@@ -85,6 +75,7 @@ def test_stage2_trains_projector_and_lora_then_exports_merged(two_stage_run):
     assert out.shape[1] > 0
 
 
+@pytest.mark.slow
 def test_stage2_encoder_lora_trains_adapters_and_exports_a_plain_esm2(two_stage_run, tmp_path):
     stage1 = ProteinLLM.from_pretrained(two_stage_run / "tiny-stage1" / "export")
     overrides = ["model=tiny", "trainer.max_steps=4", f"checkpoints_dir={two_stage_run}", "checkpoint_every=100",
@@ -143,6 +134,7 @@ def test_a_spec_trains_exactly_what_it_names(spec, trains, tmp_path):
         assert changed == trains[part], part
 
 
+@pytest.mark.slow
 def test_stage2_refuses_a_missing_or_mismatched_projector(two_stage_run, tmp_path):
     cfg = compose_train(["stage=2", "model=tiny", f"stage2.projector={tmp_path / 'none.safetensors'}"])
     with pytest.raises(FileNotFoundError, match="none.safetensors: no such file. Run `python train.py stage=1`"):
@@ -174,12 +166,14 @@ def test_text_only_stage1_is_rejected_with_a_clear_message():
         resolve_plan(compose_train(["stage=1", "model=text-only"]))
 
 
+@pytest.mark.slow
 def test_unknown_key_is_named_before_anything_loads(tmp_path):
     result = run_script(["stage=1", "model=tiny", "trainer.max_stepz=3", f"out={tmp_path}"], check=False)
     assert result.returncode != 0 and "max_stepz" in result.stderr
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     common = ["stage=1", "model=tiny", "trainer.max_steps=8", "checkpoint_every=2", "keep_checkpoints=-1", f"checkpoints_dir={tmp_path}"]
     run_script([*common, f"out={tmp_path / 'straight'}"])
@@ -196,6 +190,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(straight[name], resumed[name]), name
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     result = run_script(["stage=1", "model=tiny", "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=3", f"out={tmp_path}"])
     assert "Starting with 2 processes" in result.stdout + result.stderr

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from ...data.prompts import TEMPLATES, user_message
 from ...sequences import ProteinSequenceError
-from ...loading import LoadedModel
+from ...loading import GREEDY_BELOW, LoadedModel
 from ..server_limits import ServerLimits
 from . import openai_api as oai
 from .engine import Completion, Engine, Job, JobCancelled, QueueFull, Sampling
@@ -299,7 +299,7 @@ def create_app(
         temperature = model_default.temperature if body.temperature is None else body.temperature
         top_p = model_default.top_p if body.top_p is None else body.top_p
         try:
-            return Sampling(temperature=temperature, top_p=top_p, seed=body.seed if temperature > 0 else None)
+            return Sampling(temperature=temperature, top_p=top_p, seed=body.seed if temperature >= GREEDY_BELOW else None)
         except ValueError as error:
             raise RequestRejected(422, "sampling", str(error)) from error
 

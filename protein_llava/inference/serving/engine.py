@@ -24,12 +24,13 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ...loading import GREEDY_BELOW
 from .prompts import PreparedPrompt
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How tokens are chosen. temperature 0 is greedy; a seed makes sampling repeatable (the job then
+    """How tokens are chosen. temperature 0 (or under GREEDY_BELOW) is greedy; a seed makes sampling repeatable (the job then
     runs in a batch of its own, since one `generate` draws from one random stream)."""
 
     temperature: float = 0.0
@@ -44,7 +45,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

@@ -326,3 +326,18 @@ def test_a_stop_in_the_middle_keeps_the_tokens_up_to_it(server, client):
     assert streamed == content
     assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == whole["choices"][0]["message"]["content"]
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["stop"]
+
+
+def test_a_vanishing_temperature_decodes_greedily(client):
+    """2.7e-207 (what the fuzz test found) made logits / temperature overflow to inf and sampling fail with a
+    500; under GREEDY_BELOW a temperature is greedy, as 0 is."""
+    from protein_llava.inference.serving.engine import Sampling
+    from protein_llava.loading import GREEDY_BELOW
+
+    assert Sampling(temperature=2.7e-207).greedy and Sampling(temperature=GREEDY_BELOW / 2).greedy
+    assert not Sampling(temperature=GREEDY_BELOW).greedy
+    greedy = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 6, "temperature": 0}).json()
+    for temperature in (2.7e-207, 1e-9):
+        response = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 6, "temperature": temperature})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
