@@ -2,6 +2,7 @@
 never 5xx, and the server keeps answering valid requests afterwards."""
 
 import json
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -74,7 +75,15 @@ def bodies(endpoint):
     return mutated | JSON
 
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# The same 60 examples every run, so `make test` and CI are reproducible (a random search found the
+# vanishing-temperature 500 once, now a regression test in test_openai.py); PROTEIN_LLAVA_FUZZ_EXPLORE=1
+# draws new examples each run, for a wider search by hand.
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=not os.environ.get("PROTEIN_LLAVA_FUZZ_EXPLORE"),
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.mark.parametrize("endpoint", list(VALID))
