@@ -125,13 +125,18 @@ class LoadedModel:
             raise ValueError(f"prompt_format must be 'raw' or 'chat', got {prompt_format!r}")
         return self.render_chat([{"role": "user", "content": prompt}]) + assistant_prefix
 
-    def encode(self, texts: list[str], add_special_tokens: bool):
+    def encode(self, texts: list[str], add_special_tokens: bool, proteins: Sequence[Sequence[str]] | None = None):
         """Token ids, LEFT padded (as batched `generate` needs), on the model's device (plus
-        `protein_input_ids` for a ProteinLLM)."""
+        `protein_input_ids` for a ProteinLLM). `proteins`: per text, the residues of its `<protein>` markers
+        (the processor's `proteins=`); None: proteins inline as `<seq> ... </seq>` text, if any."""
         from transformers import BatchEncoding
 
         if self.multimodal:
-            encoding = self.processor(text=texts, padding=True, padding_side="left", add_special_tokens=add_special_tokens)
+            encoding = self.processor(
+                text=texts, proteins=proteins, padding=True, padding_side="left", add_special_tokens=add_special_tokens
+            )
+        elif proteins is not None:
+            raise ValueError(f"{self.name} ({self.source}) is a text-only model: it takes no proteins=")
         else:
             encoding = self.tokenizer(
                 texts, padding=True, padding_side="left", add_special_tokens=add_special_tokens, return_tensors="pt"
@@ -173,8 +178,11 @@ class LoadedModel:
         return self.tokenizer.decode(self.reply_tokens(tokens)[0], skip_special_tokens=True)
 
     @torch.inference_mode()
-    def answer(self, prompts: Sequence[str], max_new_tokens: int | Sequence[int]) -> list[str]:
-        """Greedy answers for rendered prompts; `max_new_tokens` is one limit or one per prompt.
+    def answer(
+        self, prompts: Sequence[str], max_new_tokens: int | Sequence[int], proteins: Sequence[Sequence[str]] | None = None
+    ) -> list[str]:
+        """Greedy answers for rendered prompts; `max_new_tokens` is one limit or one per prompt; `proteins` as
+        for `encode`.
 
         Greedy decoding is prefix-stable, so a batch runs to its largest `max_new_tokens` and each row is
         then cut to its own limit: every answer equals the one the prompt would get alone.
@@ -183,7 +191,7 @@ class LoadedModel:
         if len(limits) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(limits)} max_new_tokens values")
         # The chat template already placed any BOS token.
-        inputs = self.encode(list(prompts), add_special_tokens=False)
+        inputs = self.encode(list(prompts), add_special_tokens=False, proteins=proteins)
         generated = self.model.generate(**inputs, max_new_tokens=max(limits), do_sample=False, **self.generation_options())
         new_tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()  # (batch, new) as lists
         return [self.reply_text(tokens[:limit]).strip() for tokens, limit in zip(new_tokens, limits)]

@@ -47,4 +47,11 @@ def user_message(question: str, residues: str | None) -> str:
     return join_user_turn(question, protein_input(residues))
 
 
-__all__ = ["PROTEIN_INPUT", "TEMPLATES", "join_user_turn", "protein_input", "user_message"]
+def marked_user_message(question: str, marker: str) -> str:
+    """`user_message` with `marker` (the processor's `<protein>`) where the sequence's text would be: the form
+    in which inference hands a checked protein to the processor as data (`proteins=`), never as text to be
+    parsed again. The processor expands both forms to the same tokens (tested)."""
+    return join_user_turn(question, PROTEIN_INPUT.format(seq=marker))
+
+
+__all__ = ["PROTEIN_INPUT", "TEMPLATES", "join_user_turn", "marked_user_message", "protein_input", "user_message"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from ..data.prompts import user_message
+from ..data.prompts import marked_user_message
 from ..loading import LoadedModel
 from ..sequences import ProteinSequenceError, strip_markup
 
@@ -16,15 +16,16 @@ CHAT_COMMANDS = """commands: /protein SEQ (load another protein, new conversatio
 
 def chat_messages(turns: list[dict], residues: str | None, protein_token: str) -> list[dict]:
     """A conversation's turns ({"role", "content"} with plain-text content) → the messages the model reads:
-    the protein rides in the first user turn, as a training record puts it; replies lose protein markup,
-    because the processor parses the whole history again and a reply must not read as a protein.
+    the protein rides in the first user turn, as a training record puts it, behind the processor's marker
+    (`protein_token`; its residues go to the processor as data: `proteins=[[residues]]`); replies lose
+    protein markup, because the processor parses the whole history again and a reply must not read as one.
 
     The one history builder of `ChatSession` (the CLI chat) and the web demo."""
     messages = []
     for turn in turns:
         text = turn["content"]
-        if turn["role"] == "user" and not messages:
-            text = user_message(text, residues)
+        if turn["role"] == "user" and not messages and residues is not None:
+            text = marked_user_message(text, protein_token)
         elif turn["role"] == "assistant":
             text = strip_markup(text, protein_token)
         messages.append({"role": turn["role"], "content": text})
@@ -60,7 +61,8 @@ class ChatSession:
     def ask(self, question: str) -> str:
         turns = [*self.turns, {"role": "user", "content": question}]
         prompt = self.model.render_chat(chat_messages(turns, self.residues, self.model.processor.protein_token))
-        answer = self.model.answer([prompt], self.max_new_tokens)[0]
+        proteins = None if self.residues is None else [[self.residues]]
+        answer = self.model.answer([prompt], self.max_new_tokens, proteins=proteins)[0]
         self.turns = [*turns, {"role": "assistant", "content": answer}]
         return answer
 
@@ -94,7 +96,10 @@ def run_chat(session: ChatSession, interactive: bool) -> None:
         elif line.startswith("/"):
             print(f"unknown command {line.split()[0]!r}; {CHAT_COMMANDS}", file=sys.stderr)
         else:
-            print(session.ask(line), flush=True)
+            try:
+                print(session.ask(line), flush=True)
+            except ProteinSequenceError as error:  # markup in the question itself: say so, keep going
+                print(f"error: {error}; load proteins with /protein SEQ", file=sys.stderr)
 
 
 __all__ = ["CHAT_COMMANDS", "ChatSession", "chat_messages", "run_chat"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..data.prompts import user_message
+from ..data.prompts import marked_user_message
 from ..loading import LoadedModel
 from ..sequences import CheckedSequence, ProteinSequenceError, check_sequence
 
@@ -203,17 +203,20 @@ def predict_fasta(
 def _answer_batch(loaded: LoadedModel, batch: list[Query], question: str, max_new_tokens: int, report):
     """(query, answer) pairs; when a batch fails, each record is retried alone so one bad record
     (or a batch too large for memory) costs only itself."""
-    prompts = [loaded.render_chat([{"role": "user", "content": user_message(question, q.residues)}]) for q in batch]
+    # The checked residues go to the processor as data, each behind its marker, not as text to parse again.
+    marked = marked_user_message(question, loaded.processor.protein_token)
+    prompt = loaded.render_chat([{"role": "user", "content": marked}])
+    prompts = [prompt] * len(batch)
     try:
-        return list(zip(batch, loaded.answer(prompts, max_new_tokens)))
+        return list(zip(batch, loaded.answer(prompts, max_new_tokens, proteins=[[q.residues] for q in batch])))
     except Exception as error:  # noqa: BLE001 - any failure is retried record by record, then reported
         if len(batch) == 1:
             report(RecordProblem(batch[0].id, "generation_error", f"{type(error).__name__}: {error}"))
             return []
     pairs = []
-    for query, prompt in zip(batch, prompts):
+    for query in batch:
         try:
-            pairs.append((query, loaded.answer([prompt], max_new_tokens)[0]))
+            pairs.append((query, loaded.answer([prompt], max_new_tokens, proteins=[[query.residues]])[0]))
         except Exception as error:  # noqa: BLE001
             report(RecordProblem(query.id, "generation_error", f"{type(error).__name__}: {error}"))
     return pairs

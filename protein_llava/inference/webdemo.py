@@ -147,7 +147,8 @@ class _StopOnEvent(StoppingCriteria):
 
 
 class AnswerStream:
-    """One answer to a rendered prompt, generated in a worker thread; iterating yields the growing text.
+    """One answer to a rendered prompt (its proteins as `LoadedModel.encode` takes them), generated in a worker
+    thread; iterating yields the growing text.
 
     temperature 0 decodes greedily with the settings of `LoadedModel.answer`, so the final text equals its
     answer; above 0 it samples. `stop()` (or leaving the loop early) ends generation after the current token.
@@ -160,6 +161,7 @@ class AnswerStream:
         max_new_tokens: int,
         temperature: float = 0.0,
         stop_event: threading.Event | None = None,
+        proteins: list[list[str]] | None = None,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -167,7 +169,7 @@ class AnswerStream:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.loaded = loaded
         # The chat template already placed any BOS token.
-        self.inputs = loaded.processor(text=[prompt], add_special_tokens=False).to(loaded.device)
+        self.inputs = loaded.encode([prompt], add_special_tokens=False, proteins=proteins)
         self.prompt_tokens = int(self.inputs["input_ids"].shape[1])
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -304,6 +306,7 @@ class ProteinChat:
         conversation; a bad protein or an empty question changes nothing but the status.
         """
         history = list(history or [])
+        unchanged = (history, loaded)
         question = question.strip()
         if not question:
             yield history, loaded, "**Error:** the question is empty: type one or pick a template.", "", None, None
@@ -320,8 +323,14 @@ class ProteinChat:
         history = [*history, {"role": "user", "content": question}]
         messages = model_messages(history, residues, self.processor.protein_token)
         prompt = self.loaded.render_chat(messages)
+        proteins = None if residues is None else [[residues]]
         stop_flag = self._stop_flag(session)
-        stream = AnswerStream(self.loaded, prompt, int(max_new_tokens), float(temperature), stop_event=stop_flag)
+        try:
+            stream = AnswerStream(self.loaded, prompt, int(max_new_tokens), float(temperature), stop_event=stop_flag, proteins=proteins)
+        except ProteinSequenceError as error:  # markup in the question itself: the conversation stays as it was
+            self._drop_stop_flag(session, stop_flag)
+            yield *unchanged, f"**Error:** {error}", question, None, None
+            return
         turn = sum(m["role"] == "user" for m in history)
         summary = self._summary(query, stream, turn, "generating…")
         yield [*history, {"role": "assistant", "content": ""}], loaded, status, "", summary, prompt

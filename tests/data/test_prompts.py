@@ -9,6 +9,7 @@ from protein_llava.data.demo import make_protein, protein_records
 from protein_llava.data.prompts import (
     TEMPLATES,
     join_user_turn,
+    marked_user_message,
     protein_input,
     user_message,
 )
@@ -63,3 +64,10 @@ def test_training_record_and_inference_prompt_are_the_same_user_turn_and_tokens(
     inference_ids = loaded.processor(text=[prompt], add_special_tokens=False)["input_ids"][0].tolist()
     assert list(example.input_ids[:prompt_length]) == inference_ids
     assert example.proteins == (residues,)
+    # Inference hands the checked residues over as data (predict, chat, /v1/answer): the same tokens and
+    # the same encoder input as the text form.
+    marked = loaded.render_chat([{"role": "user", "content": marked_user_message(question, loaded.processor.protein_token)}])
+    as_data = loaded.processor(text=[marked], proteins=[[residues]], add_special_tokens=False)
+    as_text = loaded.processor(text=[prompt], add_special_tokens=False)
+    assert as_data["input_ids"][0].tolist() == inference_ids
+    assert as_data["protein_input_ids"].tolist() == as_text["protein_input_ids"].tolist()

@@ -3,7 +3,7 @@
 import pytest
 from sample_proteins import P1, P2
 
-from protein_llava.data.prompts import user_message
+from protein_llava.data.prompts import marked_user_message, user_message
 from protein_llava.inference.chat import ChatSession, chat_messages, run_chat
 from protein_llava.loading import load_protein_llm
 from protein_llava.sequences import ProteinSequenceError
@@ -24,10 +24,14 @@ def test_chat_session_keeps_history_through_the_template(loaded):
     first = session.ask("What does it do?")
     session.ask("Where?")
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
-    assert session.messages[0]["content"] == user_message("What does it do?", R1)
-    assert session.messages[2]["content"] == "Where?"  # the protein rides only in the first turn
+    # The protein rides only in the first turn, behind the marker; its residues go to the processor as data.
+    assert session.messages[0]["content"] == marked_user_message("What does it do?", "<protein>")
+    assert session.messages[2]["content"] == "Where?"
     rendered = loaded.render_chat(session.messages[:3])
-    assert rendered.count("<seq>") == 1 and "Where?" in rendered
+    assert rendered.count("<protein>") == 1 and "Where?" in rendered
+    # The first answer is the one the text form of the same turn gets.
+    text_form = loaded.render_chat([{"role": "user", "content": user_message("What does it do?", R1)}])
+    assert first == loaded.answer([text_form], 4)[0]
     assert session.messages[1]["content"].replace("<seq>", "") == first.replace("<seq>", "")
 
     with pytest.raises(ProteinSequenceError, match="invalid residue 'J' at position 3"):
@@ -44,7 +48,7 @@ def test_chat_messages_put_the_protein_in_the_first_user_turn_and_strip_replies(
         {"role": "user", "content": "Where?"},
     ]
     assert chat_messages(turns, "MKT", "<protein>") == [
-        {"role": "user", "content": user_message("What is it?", "MKT")},
+        {"role": "user", "content": marked_user_message("What is it?", "<protein>")},
         {"role": "assistant", "content": "a  M K   kinase"},
         {"role": "user", "content": "Where?"},
     ]
@@ -55,7 +59,7 @@ def test_the_terminal_loop_answers_on_stdout_and_talks_on_stderr(loaded, monkeyp
 
     session = ChatSession(loaded, max_new_tokens=3)
     session.load_protein(R1)
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"What is it?\n/protein {R2}\n/protein MKJ\n/bogus\n/reset\n/quit\nnever asked\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"What is it?\nAnd <seq> M K </seq>?\n/protein {R2}\n/protein MKJ\n/bogus\n/reset\n/quit\nnever asked\n"))
     run_chat(session, interactive=False)
     out, err = capsys.readouterr()
     expected = ChatSession(loaded, max_new_tokens=3)
@@ -64,4 +68,5 @@ def test_the_terminal_loop_answers_on_stdout_and_talks_on_stderr(loaded, monkeyp
     assert f"protein loaded: {len(R2)} residues; new conversation" in err
     assert "error: invalid residue 'J'" in err and "the previous protein stays loaded" in err
     assert "unknown command '/bogus'" in err and "conversation cleared" in err
+    assert "mixes inline <seq> spans with an explicit proteins list" in err  # markup in a question: said, loop goes on
     assert session.residues == R2 and session.turns == []

@@ -105,13 +105,13 @@ class FlakyModel:
     """Answers like the real one, except any batch holding the poisoned protein fails."""
 
     def __init__(self, real: LoadedModel, poisoned: str):
-        self.real, self.poisoned = real, " ".join(poisoned)
+        self.real, self.poisoned = real, poisoned
         self.processor, self.max_residues, self.render_chat = real.processor, real.max_residues, real.render_chat
 
-    def answer(self, prompts, max_new_tokens):
-        if any(self.poisoned in p for p in prompts):
+    def answer(self, prompts, max_new_tokens, proteins):
+        if any(self.poisoned in residues for residues in proteins):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return self.real.answer(prompts, max_new_tokens)
+        return self.real.answer(prompts, max_new_tokens, proteins=proteins)
 
 
 def test_a_failing_record_is_reported_and_the_run_goes_on(loaded, tmp_path):

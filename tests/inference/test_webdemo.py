@@ -15,7 +15,7 @@ import torch
 from sample_proteins import P1, P2
 
 from protein_llava.cli import build_parser, main
-from protein_llava.data.prompts import TEMPLATES, user_message
+from protein_llava.data.prompts import TEMPLATES, marked_user_message, user_message
 from protein_llava.inference.chat import ChatSession
 from protein_llava.inference.predict import FastaRecord, check_records
 from protein_llava.loading import load_protein_llm
@@ -162,11 +162,20 @@ def test_model_messages_put_the_protein_in_the_first_turn_only():
         {"role": "user", "content": "Where?"},
     ]
     assert model_messages(history, "MKT", "<protein>") == [
-        {"role": "user", "content": user_message("What is it?", "MKT")},
+        {"role": "user", "content": marked_user_message("What is it?", "<protein>")},  # its residues go as data
         {"role": "assistant", "content": "a  M K  kinase"},
         {"role": "user", "content": "Where?"},
     ]
     assert model_messages(history[:1], None, "<protein>") == [{"role": "user", "content": "What is it?"}]
+
+
+def test_markup_in_the_question_is_an_error_that_changes_nothing(loaded):
+    chat = ProteinChat(loaded)
+    history, protein, *_ = final(list(chat.respond(R1, None, "What is it?", [], None, 3, 0.0)))
+    for question in ("And <seq> M K T </seq>?", "And <protein>?"):
+        outputs = list(chat.respond(R1, None, question, history, protein, 3, 0.0))
+        assert len(outputs) == 1 and outputs[0][:2] == (history, protein)
+        assert outputs[0][2].startswith("**Error:**") and outputs[0][3] == question
 
 
 def test_the_conversation_is_chat_sessions(loaded):
@@ -199,7 +208,7 @@ def test_another_protein_starts_a_new_conversation_and_a_bad_one_changes_nothing
     assert [m["content"] for m in new_history if m["role"] == "user"] == ["And this?"]
     assert new_protein.query.id == "two" and new_protein.query.residues == R2 and status.startswith("2 FASTA records; Record `two`")
     prompt = final(list(chat.respond(fasta, "two", "And this?", [], None, 3, 0.0)))[5]
-    assert prompt == loaded.render_chat([{"role": "user", "content": user_message("And this?", R2)}])
+    assert prompt == loaded.render_chat([{"role": "user", "content": marked_user_message("And this?", "<protein>")}])
 
 
 def test_stop_keeps_the_partial_answer(loaded):

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from ...data.prompts import TEMPLATES, user_message
+from ...data.prompts import TEMPLATES, marked_user_message
 from ...sequences import ProteinSequenceError
 from ...loading import GREEDY_BELOW, LoadedModel
 from ..server_limits import ServerLimits
@@ -92,8 +92,9 @@ def prepare_answer_prompts(body: AnswerRequest, loaded: LoadedModel, limits: Ser
             residues = processor.check_sequence(sequence, where, warn=False).residues
         except ProteinSequenceError as error:
             raise RequestRejected(422, str(error.reason), str(error)) from error
-        rendered = loaded.render_chat([{"role": "user", "content": user_message(question, residues)}])
-        prompts.append(_prepared(prepare_rendered_prompt, processor, rendered, where))
+        # The checked residues go to the processor as data behind the marker, not as text to parse again.
+        rendered = loaded.render_chat([{"role": "user", "content": marked_user_message(question, processor.protein_token)}])
+        prompts.append(_prepared(prepare_rendered_prompt, processor, rendered, where, proteins=[residues]))
     return prompts
 
 
@@ -114,9 +115,9 @@ def _check_max_tokens(value: int, limits: ServerLimits, name: str, minimum: int)
         raise RequestRejected(422, name, f"{name} must be between {minimum} and {limits.max_new_tokens}, got {value}")
 
 
-def _prepared(prepare, processor, prompt, where: str) -> PreparedPrompt:
+def _prepared(prepare, processor, prompt, where: str, **options) -> PreparedPrompt:
     try:
-        return prepare(processor, prompt, where)
+        return prepare(processor, prompt, where, **options)
     except PromptError as error:
         raise RequestRejected(422, error.reason, str(error)) from error
     except ProteinSequenceError as error:

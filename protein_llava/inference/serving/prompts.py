@@ -47,10 +47,11 @@ class PreparedPrompt:
         return len(self.input_ids)
 
 
-def prepare_rendered_prompt(processor, text: str, record: str) -> PreparedPrompt:
-    """A rendered chat prompt (BOS already placed by the template) through the processor."""
+def prepare_rendered_prompt(processor, text: str, record: str, proteins: list[str] | None = None) -> PreparedPrompt:
+    """A rendered chat prompt (BOS already placed by the template) through the processor; `proteins`: the
+    residues of its `<protein>` markers (None: proteins inline as `<seq> ... </seq>`)."""
     try:
-        expanded, proteins = processor.expand_proteins(text, record=record)
+        expanded, proteins = processor.expand_proteins(text, proteins, record=record)
     except ProteinSequenceError as error:
         raise PromptError(str(error.reason), str(error)) from error
     ids = processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
