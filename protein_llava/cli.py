@@ -62,6 +62,16 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=limit.name, type=convert, default=limit.default, help=f"{limit.metadata['help']} (default: {default})")
 
 
+def _add_bind_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=port, help=f"port (default: {port})")
+
+
+def _is_local(host: str) -> bool:
+    """Whether binding to `host` keeps the service on this machine."""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -152,7 +162,7 @@ def serve_command(args) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(_load_protein_llm(args), limits, model_name=name, api_key=api_key)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not _is_local(args.host) and not api_key:
         print(
             f"serve: listening on {args.host}, beyond this machine, without an API key "
             f"(set --api-key or {API_KEY_VARIABLE})",
@@ -173,11 +183,12 @@ def demo_command(args) -> int:
     from .inference.webdemo import DemoSettings, build_app, launch
 
     try:
-        settings = DemoSettings(max_new_tokens=args.max_new_tokens, max_new_tokens_limit=args.max_new_tokens_limit)
+        given = {"max_new_tokens": args.max_new_tokens, "max_new_tokens_limit": args.max_new_tokens_limit}
+        settings = DemoSettings(**{name: value for name, value in given.items() if value is not None})
     except ValueError as error:
         raise CommandError(str(error)) from error
     app = build_app(_load_protein_llm(args), settings, model_name=str(args.model))
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not _is_local(args.host):
         print(f"demo: listening on {args.host}, beyond this machine; the demo has no authentication", file=sys.stderr)
     launch(app, host=args.host, port=args.port)
     return 0
@@ -303,8 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate call. GET /health reports readiness and batching counters.",
     )
     _add_model_arguments(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    _add_bind_arguments(serve, port=8000)
     _add_limit_arguments(serve)
     serve.add_argument("--served-model-name", default=None, help="the model id of /v1/models and requests' 'model' (default: the folder's name)")
     serve.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_VARIABLE}, else none)")
@@ -320,10 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
         "stream (Stop ends one), and see what the model read. Binds to this machine by default.",
     )
     _add_model_arguments(demo)
-    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    demo.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    demo.add_argument("--max-new-tokens", type=_positive, default=128, help="the answer-length slider's start (default: 128)")
-    demo.add_argument("--max-new-tokens-limit", type=_positive, default=512, help="the answer-length slider's end (default: 512)")
+    _add_bind_arguments(demo, port=7860)
+    # None: DemoSettings' own defaults (the one home of the numbers; webdemo imports Gradio, so not read here).
+    demo.add_argument("--max-new-tokens", type=_positive, default=None, help="the answer-length slider's start (default: the demo's, 128)")
+    demo.add_argument("--max-new-tokens-limit", type=_positive, default=None, help="the answer-length slider's end (default: the demo's, 512)")
     demo.add_argument("--overflow", choices=("error", "truncate"), default=None, help="proteins over the encoder limit: refuse, or cut (default: as saved)")
     demo.set_defaults(handler=demo_command)
 

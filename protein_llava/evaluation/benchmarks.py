@@ -87,6 +87,14 @@ def official_prompt(question: str, options: Sequence[str]) -> str:
     return OFFICIAL_INSTRUCTION + "\n Question: \n" + question + "\n Options: \n" + "\n".join(options) + "\n" + ANSWER_ANCHOR
 
 
+def check_parallel(**columns: Sequence) -> None:
+    """ValueError unless the named columns (of a dataclass of parallel tuples) have one length."""
+    lengths = [len(column) for column in columns.values()]
+    if len(set(lengths)) > 1:
+        names = ", ".join(columns)
+        raise ValueError(f"{names} must be parallel, got lengths {', '.join(map(str, lengths))}")
+
+
 def prediction_record(item: BenchmarkItem, predicted: int | None, **extra) -> dict:
     """One arm's outcome on `item` as the report and predictions.jsonl hold it (`extra`: scores, ...)."""
     return {

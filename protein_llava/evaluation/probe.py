@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..data.records import RecordError, iter_raw_records
 from ..encoder import ProteinEncoder, esm2_alphabet
-from .benchmarks import BenchmarkItem, ItemError, option_text, prediction_record, read_sft_record
+from .benchmarks import BenchmarkItem, ItemError, check_parallel, option_text, prediction_record, read_sft_record
 
 PROBE_C = 1.0
 """Inverse L2 strength of the logistic regression (scikit-learn's default)."""
@@ -57,11 +57,7 @@ class LabelledProteins:
     """Records left out: unreadable, not flat SFT, or holding no protein."""
 
     def __post_init__(self):
-        if not len(self.residues) == len(self.question_types) == len(self.labels):
-            raise ValueError(
-                f"residues, question_types and labels must be parallel, got lengths "
-                f"{len(self.residues)}, {len(self.question_types)}, {len(self.labels)}"
-            )
+        check_parallel(residues=self.residues, question_types=self.question_types, labels=self.labels)
         if not self.residues:
             raise ValueError("the probe needs at least one labelled training protein")
 

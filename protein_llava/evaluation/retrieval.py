@@ -46,7 +46,7 @@ from Bio.Align import PairwiseAligner, substitution_matrices
 from Bio.Align.substitution_matrices import Array
 
 from ..data.records import RecordError, iter_raw_records, parse_record
-from .benchmarks import BenchmarkItem, option_text, prediction_record
+from .benchmarks import BenchmarkItem, check_parallel, option_text, prediction_record
 
 DEFAULT_CANDIDATES = 50
 PROBABILITY_TEMPERATURE = 0.05
@@ -76,11 +76,7 @@ class TrainingSet:
     """Records skipped because they could not be read or parsed."""
 
     def __post_init__(self):
-        if not len(self.residues) == len(self.descriptions) == len(self.record_ids):
-            raise ValueError(
-                f"residues, descriptions and record_ids must be parallel, got lengths "
-                f"{len(self.residues)}, {len(self.descriptions)}, {len(self.record_ids)}"
-            )
+        check_parallel(residues=self.residues, descriptions=self.descriptions, record_ids=self.record_ids)
         if not self.residues:
             raise ValueError("a training set needs at least one protein")
 

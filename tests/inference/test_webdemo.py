@@ -242,7 +242,12 @@ def test_build_app_has_the_widgets(loaded):
 
 def test_demo_command_binds_this_machine_and_refuses_a_folder_that_is_no_model(tmp_path, capsys):
     args = build_parser().parse_args(["demo", "--model", str(tmp_path)])
-    assert (args.host, args.port, args.max_new_tokens, args.overflow) == ("127.0.0.1", 7860, 128, None)
+    assert (args.host, args.port, args.max_new_tokens, args.overflow) == ("127.0.0.1", 7860, None, None)  # None: DemoSettings'
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    defaults = DemoSettings()  # the help's numbers are the settings' own
+    assert f"(default: the demo's, {defaults.max_new_tokens})" in shown and f"(default: the demo's, {defaults.max_new_tokens_limit})" in shown
     assert main(["demo", "--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert main(["demo", "--model", str(tmp_path), "--max-new-tokens", "600"]) == 2
