@@ -23,7 +23,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["protein_llava", "protein_llava.*"]),
     # The model presets are data files (configuration.load_preset reads them from the installed package).
-    package_data={"protein_llava": ["presets/*.json"]},
+    package_data={"protein_llava": ["model/presets/*.json"]},
     install_requires=requirements("requirements.txt"),
     extras_require={
         # bitsandbytes (4-bit QLoRA, on CPU or GPU) is a regular dependency now, pinned in requirements.txt;

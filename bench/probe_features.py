@@ -30,7 +30,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from protein_llava.data.demo import QUESTION_TYPES, ensure_demo_dataset
-from protein_llava.encoder import esm2_alphabet
+from protein_llava.model.encoder import esm2_alphabet
 from protein_llava.evaluation.benchmarks import ablate_proteins, build_sequence_grounded
 from protein_llava.evaluation.probe import PROBE_C, PROBE_MAX_ITER, LinearProbe, load_labelled_proteins
 from protein_llava.evaluation.report import accuracy_by_type

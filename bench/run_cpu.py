@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from protein_llava.builders import build_protein_llm
-from protein_llava.configuration import ProteinLLMConfig
+from protein_llava.model.configuration import ProteinLLMConfig
 from protein_llava.data.collate import PackedCollator, PaddedCollator
 from protein_llava.data.demo import write_demo_dataset
 from protein_llava.data.records import read_conversations

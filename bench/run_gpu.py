@@ -25,7 +25,7 @@ def build(attn_implementation: str):
     from transformers import AutoModelForCausalLM
 
     from protein_llava.builders import build_protein_llm
-    from protein_llava.configuration import ProteinLLMConfig
+    from protein_llava.model.configuration import ProteinLLMConfig
     from protein_llava.text_tokenizer import byte_level_tokenizer
 
     config = ProteinLLMConfig.from_preset("esm2-650m-internlm2-7b")

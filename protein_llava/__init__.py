@@ -8,15 +8,15 @@ neither Lightning nor Hydra.
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from .builders import build_preset, build_protein_llm, build_smollm2_demo, build_tiny
-from .configuration import (
+from .model.configuration import (
     PRESET_NAMES,
     ProjectorConfig,
     ProteinEncoderConfig,
     ProteinLLMConfig,
     num_protein_tokens,
 )
-from .modeling import ProteinLLM
-from .processing import ProteinLLMProcessor
+from .model.modeling import ProteinLLM
+from .model.processing import ProteinLLMProcessor
 from .sequences import ProteinSequenceError, SequenceReason
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Builders: a ProteinLLM and its processor from parts, and one function per named preset.
 
 Component builder: `build_protein_llm(config, tokenizer, language_model=..., encoder_weights=...)`.
-`build_preset(name)` builds any preset of `protein_llava/presets/` (see `configuration.load_preset`): the
+`build_preset(name)` builds any preset of `protein_llava/model/presets/` (see `configuration.load_preset`): the
 preset's `decoder_source` field says where the decoder comes from. `build_tiny` and `build_smollm2_demo` name the
 two that need no download; the paper-scale preset is built by training (`model=esm2-650m-internlm2-7b`).
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from .configuration import ProteinEncoderConfig, ProteinLLMConfig, load_preset
-from .modeling import ProteinLLM
-from .processing import ProteinLLMProcessor
+from .model.configuration import ProteinEncoderConfig, ProteinLLMConfig, load_preset
+from .model.modeling import ProteinLLM
+from .model.processing import ProteinLLMProcessor
 from .quantization import quantize_decoder
 from .text_tokenizer import byte_level_tokenizer
 

@@ -200,7 +200,7 @@ def demo_command(args) -> int:
 def export_command(args) -> int:
     import shutil
 
-    from .configuration import ProteinLLMConfig
+    from .model.configuration import ProteinLLMConfig
     from .model_card import write_model_card
     from .training.run_folder import RunFolder
 

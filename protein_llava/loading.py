@@ -245,8 +245,8 @@ def load_model(
             model.set_attn_implementation(attn_implementation)
         processor = None
     elif is_protein_llm_folder(source):
-        from .modeling import ProteinLLM
-        from .processing import ProteinLLMProcessor
+        from .model.modeling import ProteinLLM
+        from .model.processing import ProteinLLMProcessor
 
         model = ProteinLLM.from_pretrained(source, **options)
         processor = ProteinLLMProcessor.from_pretrained(source)

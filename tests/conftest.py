@@ -10,7 +10,7 @@ import torch
 
 from protein_llava import build_tiny
 from protein_llava.builders import build_protein_llm, load_smollm2
-from protein_llava.configuration import ProteinLLMConfig
+from protein_llava.model.configuration import ProteinLLMConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"

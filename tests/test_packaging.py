@@ -31,7 +31,7 @@ def test_wheel_holds_every_subpackage_and_the_console_script(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "protein_llava").rglob("*.py")}
     assert sources <= names, f"missing from the wheel: {sorted(sources - names)}"
-    presets = {str(p.relative_to(ROOT)) for p in (ROOT / "protein_llava" / "presets").glob("*.json")}
+    presets = {str(p.relative_to(ROOT)) for p in (ROOT / "protein_llava" / "model" / "presets").glob("*.json")}
     assert presets and presets <= names, f"presets missing from the wheel: {sorted(presets - names)}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "protein-llava = protein_llava.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -48,7 +48,7 @@ def test_wheel_holds_every_subpackage_and_the_console_script(tmp_path):
         f"for name in {modules!r}:\n"
         "    module = importlib.import_module(name)\n"
         f"    assert module.__file__.startswith({str(target)!r}), (name, module.__file__)\n"
-        "from protein_llava.configuration import PRESET_NAMES, ProteinLLMConfig\n"
+        "from protein_llava.model.configuration import PRESET_NAMES, ProteinLLMConfig\n"
         f"assert sorted(PRESET_NAMES) == {sorted(Path(p).stem for p in presets)!r}, PRESET_NAMES\n"
         "for preset in PRESET_NAMES:\n"
         "    ProteinLLMConfig.from_preset(preset)\n"

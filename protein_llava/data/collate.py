@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..processing import ProteinLLMProcessor
+from ..model.processing import ProteinLLMProcessor
 from ..constants import IGNORE_INDEX
 from .tokenize import Example, with_proteins
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..configuration import ESM2_MAX_RESIDUES
+from ..model.configuration import ESM2_MAX_RESIDUES
 from ..files import atomic_write
 from ..sequences import ProteinSequenceError, SequenceReason, check_sequence
 from .prompts import TEMPLATES, protein_input

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from ..constants import IGNORE_INDEX
-from ..processing import ProteinLLMProcessor
+from ..model.processing import ProteinLLMProcessor
 from ..sequences import ProteinSequenceError, find_seq_spans
 from .records import Conversation, RecordError, Turn
 

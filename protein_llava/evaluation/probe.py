@@ -33,7 +33,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..data.records import RecordError, iter_raw_records
-from ..encoder import ProteinEncoder, esm2_alphabet
+from ..model.encoder import ProteinEncoder, esm2_alphabet
 from .benchmarks import BenchmarkItem, ItemError, check_parallel, option_text, prediction_record, read_sft_record
 
 PROBE_C = 1.0

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modeling import ProteinLLM
-from ..projector import strided_mean_pool
+from ..model.modeling import ProteinLLM
+from ..model.projector import strided_mean_pool
 from ..sequences import RESIDUES
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 
-from ..configuration import ProjectorConfig
+from ..model.configuration import ProjectorConfig
 from ..files import atomic_write
-from ..modeling import ProteinLLM
+from ..model.modeling import ProteinLLM
 
 PROJECTOR_FILE = "projector.safetensors"
 

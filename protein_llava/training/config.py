@@ -65,12 +65,12 @@ class ProjectorOverrides:
 class ModelSettings:
     """The `model` group (configs/train/model/*.yaml): which preset, and the run's choices around it (a decoder
     folder, encoder weights, a dtype, attention kernels, projector overrides). What the model *is* (shapes,
-    projector, decoder kind, dtype) lives once, in the preset's JSON file (protein_llava/presets/)."""
+    projector, decoder kind, dtype) lives once, in the preset's JSON file (protein_llava/model/presets/)."""
 
     name: str = MISSING
     """Names the run folders: ${checkpoints_dir}/${model.name}-stage${stage}."""
     preset: str = MISSING
-    """A ProteinLLMConfig preset (protein_llava.configuration.PRESET_NAMES)."""
+    """A ProteinLLMConfig preset (protein_llava.model.configuration.PRESET_NAMES)."""
     text_only: bool = False
     """True: the bare decoder with sequences inline as text (the paper's baseline arm); stage 2 only."""
     decoder: str | None = None
@@ -90,7 +90,7 @@ class ModelSettings:
 
     def resolved_dtype(self) -> str:
         """`dtype`, or the preset's where it is null."""
-        from ..configuration import load_preset
+        from ..model.configuration import load_preset
 
         return self.dtype or load_preset(self.preset).dtype
 

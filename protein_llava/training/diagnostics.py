@@ -28,8 +28,8 @@ from ..data.collate import PaddedCollator
 from ..data.records import Conversation, Turn
 from ..constants import IGNORE_INDEX
 from ..data.tokenize import ConversationTokenizer
-from ..loss import chunked_causal_lm_forward
-from ..modeling import ProteinLLM
+from ..model.loss import chunked_causal_lm_forward
+from ..model.modeling import ProteinLLM
 from ..sequences import find_seq_spans, format_sequence, normalize_sequence
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..encoder import ProteinEncoder, esm2_alphabet
+from ..model.encoder import ProteinEncoder, esm2_alphabet
 from ..files import atomic_write
 
 

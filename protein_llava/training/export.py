@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..modeling import ProteinLLM
+from ..model.modeling import ProteinLLM
 from ..quantization import compute_dtype, describe_qlora, is_4bit, merge_qlora
 from .run_folder import save_adapters
 

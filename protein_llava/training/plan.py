@@ -17,7 +17,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from omegaconf import DictConfig
 
-from ..configuration import ProteinLLMConfig
+from ..model.configuration import ProteinLLMConfig
 from ..loading import DTYPES
 from .checkpointing import PROJECTOR_FILE, check_projector_file, resolve_resume
 from .config import TrainConfig, default_run_name, to_train_config

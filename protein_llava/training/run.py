@@ -24,7 +24,7 @@ from ..data.demo import ensure_demo_dataset
 from ..data.records import RecordReport, read_conversations
 from ..data.tokenize import ConversationTokenizer
 from ..loading import DTYPES
-from ..modeling import ProteinLLM
+from ..model.modeling import ProteinLLM
 from .checkpointing import AtomicCheckpointIO, load_projector, save_projector
 from .config import TrainConfig
 from .run_folder import LOGS, RunFolder, save_adapters

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..modeling import ProteinLLM
+from ..model.modeling import ProteinLLM
 from .checkpointing import PROJECTOR_FILE
 from .summary import DataReport, RunSummary
 

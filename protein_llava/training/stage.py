@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..data.collate import SWAPPED_PREFIX
-from ..loss import chunked_cross_entropy_per_sample
-from ..modeling import ProteinLLM
+from ..model.loss import chunked_cross_entropy_per_sample
+from ..model.modeling import ProteinLLM
 from ..quantization import compute_dtype, keep_training_layout
 from .config import LoraSettings
 from .optim import NonFiniteGuard, OptimConfig, check_trainable_keys_present, configure_adamw, trainable_state_dict
@@ -154,7 +154,7 @@ class StageModule(L.LightningModule):
     Args:
         model: a ProteinLLM or (text-only arm) a bare decoder, already frozen / wrapped by `apply_stage_spec`.
         optim: optimizer and schedule. gradient_checkpointing: recompute the decoder's activations in backward.
-        loss_chunk_size: None, the decoder's own loss; N, the chunked loss (`protein_llava.loss`).
+        loss_chunk_size: None, the decoder's own loss; N, the chunked loss (`protein_llava.model.loss`).
     """
 
     def __init__(self, model: nn.Module, optim: OptimConfig, gradient_checkpointing: bool = False,
@@ -221,7 +221,7 @@ class StageModule(L.LightningModule):
             return self.model(**batch, use_cache=False).loss
         if isinstance(self.model, ProteinLLM):
             return self.model(**batch, use_cache=False, loss_chunk_size=self.loss_chunk_size).loss
-        from ..loss import chunked_causal_lm_forward
+        from ..model.loss import chunked_causal_lm_forward
 
         batch = dict(batch)
         return chunked_causal_lm_forward(self.model, batch.pop("labels"), self.loss_chunk_size, **batch).loss

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from protein_llava import ProteinLLMProcessor
-from protein_llava.configuration import ProjectorConfig
+from protein_llava.model.configuration import ProjectorConfig
 from protein_llava.data.collate import PaddedCollator
 from protein_llava.data.records import Conversation, RecordError, Turn
 from protein_llava.constants import IGNORE_INDEX

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from protein_llava.configuration import ProteinLLMConfig
+from protein_llava.model.configuration import ProteinLLMConfig
 from protein_llava.data.demo import write_demo_dataset
-from protein_llava.encoder import ProteinEncoder, esm2_alphabet
+from protein_llava.model.encoder import ProteinEncoder, esm2_alphabet
 from protein_llava.evaluation.benchmarks import BenchmarkItem, ablate_proteins, build_sequence_grounded
 from protein_llava.evaluation.probe import (
     LabelledProteins,

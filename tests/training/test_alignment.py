@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from protein_llava.builders import build_preset
-from protein_llava.projector import strided_mean_pool
+from protein_llava.model.projector import strided_mean_pool
 from protein_llava.training.alignment import _targets, align_projector_to_residues, residue_token_embeddings
 
 PROTEINS = ["MKTAYIAKQRQISFVKSHFSRQ", "GGSWDEEKLLPPNQCHHRRT", "ACDEFGHIKLMNPQRSTVWY", "KKKKDDDDEEEERRRRLLLL"] * 2

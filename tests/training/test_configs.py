@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
 
-from protein_llava.configuration import PRESET_NAMES
+from protein_llava.model.configuration import PRESET_NAMES
 from protein_llava.training.config import CONFIG_DIR, ModelSettings, TrainConfig, compose_train_config, to_train_config
 from protein_llava.training.plan import optim_config, resolve_plan
 from protein_llava.training.run import _build_strategy

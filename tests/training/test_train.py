@@ -142,7 +142,7 @@ def test_stage2_refuses_a_missing_or_mismatched_projector(two_stage_run, tmp_pat
     # A projector trained for another shape (mean-pool reduction here) is refused before training.
     from protein_llava.training.checkpointing import save_projector
     from protein_llava.builders import build_protein_llm
-    from protein_llava.configuration import ProjectorConfig, ProteinLLMConfig
+    from protein_llava.model.configuration import ProjectorConfig, ProteinLLMConfig
     from protein_llava.text_tokenizer import byte_level_tokenizer
 
     config = ProteinLLMConfig.from_preset("tiny")

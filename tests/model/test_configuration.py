@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 import protein_llava  # noqa: F401  (registers the Auto classes)
 from protein_llava.builders import build_preset
-from protein_llava.configuration import (
+from protein_llava.model.configuration import (
     PRESET_NAMES,
     PRESETS_DIR,
     ProjectorConfig,
@@ -18,7 +18,7 @@ from protein_llava.configuration import (
     load_preset,
     num_protein_tokens,
 )
-from protein_llava.modeling import ProteinLLM
+from protein_llava.model.modeling import ProteinLLM
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
@@ -45,7 +45,7 @@ def test_preset_shapes():
     assert demo.text_config.hidden_size == 576
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train" / "model"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train" / "model"
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

@@ -13,9 +13,9 @@ import torch
 from transformers import AddedToken, BatchFeature, ProcessorMixin
 
 from .configuration import ESM2_MAX_RESIDUES, ProjectorConfig, num_protein_tokens
-from .constants import PROTEIN_TOKEN
+from ..constants import PROTEIN_TOKEN
 from .encoder import esm2_alphabet
-from .sequences import (
+from ..sequences import (
     CheckedSequence,
     OverflowPolicy,
     ProteinSequenceError,

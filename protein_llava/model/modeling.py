@@ -94,7 +94,7 @@ class ProteinLLM(ProteinLLMPreTrainedModel, GenerationMixin):
         """transformers' from_pretrained. A bitsandbytes `quantization_config` (e.g. `quantization.nf4_config()`)
         quantises the decoder only: ESM-2, the projector and the LM head stay in full precision."""
         if quantization_config is not None:
-            from .quantization import decoder_only
+            from ..quantization import decoder_only
 
             kwargs["quantization_config"] = decoder_only(quantization_config)
         return super().from_pretrained(*args, **kwargs)
@@ -122,7 +122,7 @@ class ProteinLLM(ProteinLLMPreTrainedModel, GenerationMixin):
                 "model.language_model.save_pretrained(DIR)"
             )
         super().save_pretrained(save_directory, *args, **kwargs)
-        from .model_card import write_model_card
+        from ..model_card import write_model_card
 
         write_model_card(save_directory, self.config, **(model_card or {}))
 
@@ -194,7 +194,7 @@ class ProteinLLM(ProteinLLMPreTrainedModel, GenerationMixin):
         """The decoder's forward on the spliced embeddings.
 
         loss_chunk_size: with `labels`, compute the loss over supervised positions only, this many at a time,
-            and return no logits (`protein_llava.loss`); None: the decoder's own logits and loss.
+            and return no logits (`protein_llava.model.loss`); None: the decoder's own logits and loss.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")

@@ -2,8 +2,8 @@ import esm
 import pytest
 import torch
 
-from protein_llava.configuration import ProteinEncoderConfig
-from protein_llava.encoder import ProteinEncoder, esm2_alphabet
+from protein_llava.model.configuration import ProteinEncoderConfig
+from protein_llava.model.encoder import ProteinEncoder, esm2_alphabet
 
 
 def _tokens(sequences):

@@ -4,8 +4,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protein_llava import ProteinLLMProcessor
-from protein_llava.configuration import ProjectorConfig
-from protein_llava.encoder import esm2_alphabet
+from protein_llava.model.configuration import ProjectorConfig
+from protein_llava.model.encoder import esm2_alphabet
 from protein_llava.sequences import ProteinSequenceError
 from protein_llava.text_tokenizer import byte_level_tokenizer
 

@@ -5,7 +5,7 @@ from protein_llava import build_tiny
 from protein_llava.data.collate import PaddedCollator
 from protein_llava.data.records import Conversation, Turn
 from protein_llava.data.tokenize import ConversationTokenizer
-from protein_llava.loss import chunked_causal_lm_forward, chunked_cross_entropy
+from protein_llava.model.loss import chunked_causal_lm_forward, chunked_cross_entropy
 from sample_proteins import P1
 
 
@@ -62,7 +62,7 @@ def test_no_supervised_tokens_gives_zero_with_a_graph():
 
 
 def test_per_sample_sums_add_up_to_the_batch_mean_and_match_rows_alone():
-    from protein_llava.loss import chunked_cross_entropy_per_sample
+    from protein_llava.model.loss import chunked_cross_entropy_per_sample
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 11, bias=False)

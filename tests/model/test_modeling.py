@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from protein_llava import ProteinLLM, ProteinLLMProcessor
 from protein_llava.builders import build_protein_llm
-from protein_llava.configuration import ProjectorConfig, ProteinLLMConfig
+from protein_llava.model.configuration import ProjectorConfig, ProteinLLMConfig
 from protein_llava.text_tokenizer import byte_level_tokenizer
 
 from sample_proteins import P1, P2
@@ -168,7 +168,7 @@ def test_generation_keeps_proteins_only_at_prefill(tiny):
 def test_building_the_composite_keeps_fair_esm_init_and_inits_only_the_projector():
     from esm.model.esm2 import ESM2
 
-    from protein_llava.encoder import esm2_alphabet
+    from protein_llava.model.encoder import esm2_alphabet
 
     torch.manual_seed(0)
     reference = ESM2(num_layers=2, embed_dim=32, attention_heads=4, alphabet=esm2_alphabet())

@@ -5,8 +5,8 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from hypothesis import strategies as st
 from torch import nn
 
-from protein_llava.configuration import ProjectorConfig, num_protein_tokens
-from protein_llava.projector import ProteinProjector, build_projection, strided_mean_pool
+from protein_llava.model.configuration import ProjectorConfig, num_protein_tokens
+from protein_llava.model.projector import ProteinProjector, build_projection, strided_mean_pool
 
 
 def test_mlp2x_gelu_is_linear_gelu_linear():

@@ -4,7 +4,7 @@ One `config.json` describes the whole model: `ProteinLLMConfig` nests an `encode
 (`ProteinEncoderConfig`, fair-esm's ESM-2 architecture), a `projector_config` (`ProjectorConfig`)
 and a `text_config` (any transformers causal-LM config, rebuilt by `model_type`).
 
-Named presets are data: one JSON file per preset in `protein_llava/presets/` (shipped in the wheel), read by
+Named presets are data: one JSON file per preset in `protein_llava/model/presets/` (shipped in the wheel), read by
 `load_preset(name)`; `ProteinLLMConfig.from_preset(name)` is its config. A new combination (say ESM-2 150M
 with another decoder) is one new file there.
 """
@@ -216,7 +216,7 @@ class ProteinLLMConfig(PreTrainedConfig):
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model, as its file in `protein_llava/presets/NAME.json` describes it.
+    """A named model, as its file in `protein_llava/model/presets/NAME.json` describes it.
 
     Fields (the file's keys, `name` aside):
         name: the file's stem, e.g. "smollm2-demo".
