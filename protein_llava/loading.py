@@ -111,9 +111,9 @@ class LoadedModel:
     # --- prompts
     def render_chat(self, messages: list[dict]) -> str:
         """Messages (proteins inline as `<seq> ... </seq>`, or as parts) → the prompt text, assistant turn opened."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.name} ({self.source}) has no chat template; use prompt_format=raw")
         templater = self.processor if self.multimodal else self.tokenizer
+        if not getattr(templater, "chat_template", None):
+            raise ValueError(f"{self.name} ({self.source}) has no chat template; use prompt_format=raw")
         return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def render(self, prompt: str, prompt_format: str, assistant_prefix: str = "") -> str:
