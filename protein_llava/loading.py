@@ -112,7 +112,8 @@ class LoadedModel:
     def render_chat(self, messages: list[dict]) -> str:
         """Messages (proteins inline as `<seq> ... </seq>`, or as parts) → the prompt text, assistant turn opened."""
         templater = self.processor if self.multimodal else self.tokenizer
-        if not getattr(templater, "chat_template", None):
+        # A processor renders with its own template where it has one, else with its tokenizer's.
+        if not (getattr(templater, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)):
             raise ValueError(f"{self.name} ({self.source}) has no chat template; use prompt_format=raw")
         return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
