@@ -216,7 +216,7 @@ def export_command(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CommandError(f"{out} exists and is not empty; choose a new --out or pass --force to overwrite files in it")
     from .evaluation.report import report_card_rows
-    from .training.run_folder import RunFolder, find_stage1_run, training_card_rows
+    from .training.run_folder import find_stage1_run, training_card_rows
 
     folder = RunFolder(run)
     try:

@@ -235,8 +235,8 @@ class LoadedProtein:
 class ProteinChat:
     """The demo's event handlers as plain methods (the tests call them directly); `build_app` wires them."""
 
-    def __init__(self, loaded: LoadedModel, settings: DemoSettings | None = None):
-        self.loaded = loaded
+    def __init__(self, model: LoadedModel, settings: DemoSettings | None = None):
+        self.model = model
         self.settings = settings or DemoSettings()
         # One stop flag per browser session, set by the Stop button while that session's answer streams.
         self._stops: dict[str, threading.Event] = {}
@@ -244,7 +244,7 @@ class ProteinChat:
 
     @property
     def processor(self):
-        return self.loaded.processor
+        return self.model.processor
 
     def check_protein(self, text: str, record_id: str | None = None) -> tuple[list[str], Query | None]:
         """(record ids of the box, the chosen protein); ProteinSequenceError for what cannot be asked about."""
@@ -322,11 +322,11 @@ class ProteinChat:
         residues = query.residues if query is not None else None
         history = [*history, {"role": "user", "content": question}]
         messages = model_messages(history, residues, self.processor.protein_token)
-        prompt = self.loaded.render_chat(messages)
+        prompt = self.model.render_chat(messages)
         proteins = None if residues is None else [[residues]]
         stop_flag = self._stop_flag(session)
         try:
-            stream = AnswerStream(self.loaded, prompt, int(max_new_tokens), float(temperature), stop_event=stop_flag, proteins=proteins)
+            stream = AnswerStream(self.model, prompt, int(max_new_tokens), float(temperature), stop_event=stop_flag, proteins=proteins)
         except ProteinSequenceError as error:  # markup in the question itself: the conversation stays as it was
             self._drop_stop_flag(session, stop_flag)
             yield *unchanged, f"**Error:** {error}", question, None, None

@@ -23,6 +23,11 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+# ProjectorConfig's own fields: what `with_projector` (and the training config's `model.projector.*`) may set.
+PROJECTOR_FIELDS = (
+    "projector_type", "token_reduction", "pool_stride", "num_latents", "resampler_heads", "summary_token",
+    "output_norm", "output_scale",
+)
 TOKEN_REDUCTIONS = ("none", "mean_pool", "resampler", "mean")
 OUTPUT_NORMS = ("none", "rms")
 PRESETS_DIR = Path(__file__).with_name("presets")
@@ -199,8 +204,7 @@ class ProteinLLMConfig(PreTrainedConfig):
     def with_projector(self, **overrides) -> ProteinLLMConfig:
         """A copy whose projector config has `overrides` (e.g. token_reduction="mean_pool", pool_stride=2),
         validated like any ProjectorConfig; unknown names are an error naming them."""
-        known = ("projector_type", "token_reduction", "pool_stride", "num_latents", "resampler_heads",
-                 "summary_token", "output_norm", "output_scale")
+        known = PROJECTOR_FIELDS
         unknown = sorted(set(overrides) - set(known))
         if unknown:
             raise ValueError(f"unknown projector_config fields {unknown}; known: {list(known)}")

@@ -120,3 +120,19 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key():
     # Hydra's `+` adds the key anyway; turning the config into objects refuses it rather than drop it.
     with pytest.raises(ValueError, match="unknown key trainer.max_stepz: TrainerSettings has"):
         to_train_config(compose_train(["+trainer.max_stepz=3"]))
+
+
+def test_projector_overrides_name_exactly_the_projector_configs_fields():
+    """`model.projector.*` (typed here) and `ProteinLLMConfig.with_projector` (the core) take the same
+    names, and they are ProjectorConfig's own: a field added to one and not the others fails here."""
+    import dataclasses
+    import inspect
+
+    from protein_llava.model.configuration import PROJECTOR_FIELDS, ProjectorConfig
+    from protein_llava.training.config import ProjectorOverrides
+
+    assert [f.name for f in dataclasses.fields(ProjectorOverrides)] == list(PROJECTOR_FIELDS)
+    config_fields = set(inspect.signature(ProjectorConfig).parameters) - {"kwargs", "args"}
+    assert set(PROJECTOR_FIELDS) <= config_fields
+    defaults = ProjectorConfig()
+    assert all(hasattr(defaults, name) for name in PROJECTOR_FIELDS)

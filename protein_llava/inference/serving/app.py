@@ -85,6 +85,9 @@ def prepare_answer_prompts(body: AnswerRequest, loaded: LoadedModel, limits: Ser
     _check_max_tokens(body.max_new_tokens, limits, "max_new_tokens", minimum=1)
     question = _question(body)
     processor = loaded.processor
+    # One prompt for every sequence: each one's checked residues go to the processor as data behind the
+    # marker, not as text to parse again.
+    rendered = loaded.render_chat([{"role": "user", "content": marked_user_message(question, processor.protein_token)}])
     prompts = []
     for index, sequence in enumerate(body.sequences):
         where = f"sequences[{index}]"
@@ -92,8 +95,6 @@ def prepare_answer_prompts(body: AnswerRequest, loaded: LoadedModel, limits: Ser
             residues = processor.check_sequence(sequence, where, warn=False).residues
         except ProteinSequenceError as error:
             raise RequestRejected(422, str(error.reason), str(error)) from error
-        # The checked residues go to the processor as data behind the marker, not as text to parse again.
-        rendered = loaded.render_chat([{"role": "user", "content": marked_user_message(question, processor.protein_token)}])
         prompts.append(_prepared(prepare_rendered_prompt, processor, rendered, where, proteins=[residues]))
     return prompts
 
