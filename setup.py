@@ -29,7 +29,6 @@ setup(
         # bitsandbytes (4-bit QLoRA, on CPU or GPU) is a regular dependency now, pinned in requirements.txt;
         # the empty extra keeps `pip install 'protein_llava[qlora]'` working.
         "qlora": [],
-        "deepspeed": ["deepspeed==0.19.8"],
         "tensorboard": ["tensorboard==2.21.0"],
         "dev": requirements("requirements-dev.txt"),
     },

@@ -5,6 +5,7 @@ Configs live in configs/train/; every key, its default and its check: protein_ll
 """
 
 import hydra
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 # Imported before Hydra configures logging, on purpose: Lightning adds its own console handlers when first
@@ -18,7 +19,9 @@ register_configs()
 
 @hydra.main(config_path="configs/train", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    print(render_stage_table(train(cfg)))
+    summary = train(cfg)
+    if rank_zero_only.rank == 0:  # one table per run, not one per data-parallel process
+        print(render_stage_table(summary))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import lightning as L
 
 
 class KillAfterCheckpoint(L.Callback):
-    """SIGKILL this process right after the optimizer step `step` (once its checkpoint is on disk)."""
+    """SIGKILL this process right after the optimizer step `step`. Lightning runs checkpoint callbacks after
+    all others, so a checkpoint due at `step` itself is not written yet: the newest on disk is the one before."""
 
     def __init__(self, step: int):
         self.step = step
@@ -16,3 +17,16 @@ class KillAfterCheckpoint(L.Callback):
         # Callbacks run in registration order: ModelCheckpoint (registered first) has already saved.
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordStartStep(L.Callback):
+    """Write the optimizer step training starts from to `path` (0 for a fresh run; N after a resume from step N),
+    so a test can tell a resumed run from one that silently started over."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            with open(self.path, "w") as handle:
+                handle.write(str(trainer.global_step))

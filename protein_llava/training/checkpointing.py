@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -74,11 +77,12 @@ def check_projector_file(path: Path, config) -> None:
             if key == "projector_config" and found is not None:
                 found_cfg, wanted_cfg = ProjectorConfig(**_strip(json.loads(found))), config.projector_config
                 found_dict, wanted_dict = found_cfg.to_dict(), wanted_cfg.to_dict()
-                if wanted_dict.get("output_scale") is None:
-                    # output_scale=None is measured from the decoder when the model is built: an initial
-                    # value, not a shape, and the file's learned gain replaces it anyway.
-                    found_dict.pop("output_scale", None)
-                    wanted_dict.pop("output_scale", None)
+                # output_scale is the RMS gain's initial value, not a shape, and the file's learned gain replaces
+                # it. Measured from the decoder at build (when the preset leaves it null), it also differs in
+                # its last bits with the thread count that summed it: comparing it refused stage 1's projector
+                # in a stage 2 run with OMP_NUM_THREADS=1.
+                found_dict.pop("output_scale", None)
+                wanted_dict.pop("output_scale", None)
                 if found_dict == wanted_dict:
                     continue
             raise ValueError(
@@ -92,7 +96,8 @@ def _strip(config: dict) -> dict:
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The newest Lightning checkpoint under `folder`, by modification time."""
+    """The newest Lightning checkpoint under `folder`, by modification time: a file, or (FSDP) a folder of
+    shards."""
     candidates = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
 
@@ -104,6 +109,27 @@ def resolve_resume(resume: str | None, lightning_dir: Path) -> str | None:
     if resume == "auto":
         newest = newest_checkpoint(lightning_dir)
         return str(newest) if newest is not None else None
-    if not Path(resume).is_file():
-        raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
+    if not Path(resume).exists():
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint file or sharded checkpoint folder")
     return str(resume)
+
+
+def random_states() -> dict:
+    """This process's random generators (torch CPU and CUDA, Python, NumPy): what draws dropout masks and
+    anything else sampled while training. The data order has its own seeded generators (data/batching.py)."""
+    # Tensors and plain Python values only, so checkpoints still load with torch.load(weights_only=True).
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -147,9 +147,11 @@ class TrainerSettings:
 
     accelerator: str = "auto"
     devices: Any = 1
-    """A count, a list of device ids, or "auto"."""
+    """Per node: a count, a list of device ids, or "auto"."""
+    num_nodes: int = 1
+    """Machines; with a cluster launcher (torchrun, SLURM's srun) Lightning reads each process's rank from it."""
     strategy: Any = "auto"
-    """A Lightning strategy name, or {name: fsdp | deepspeed, ...its arguments}."""
+    """A Lightning strategy name (auto, ddp, ...), or {name: fsdp}: FSDP2 (`protein_llava.training.sharding`)."""
     precision: Any = "bf16-mixed"
     """bf16-mixed: bf16 autocast, fp32 weights (~2x faster than 32-true on CPUs with AMX / AVX-512-BF16;
     emulated, so slower, on older CPUs: use 32-true there)."""
@@ -162,7 +164,8 @@ class TrainerSettings:
 
     def __post_init__(self):
         if isinstance(self.strategy, dict):
-            _choice("trainer.strategy.name", self.strategy.get("name"), ("fsdp", "deepspeed"))
+            _choice("trainer.strategy.name", self.strategy.get("name"), ("fsdp",))
+        _at_least("trainer.num_nodes", self.num_nodes, 1)
         _at_least("trainer.max_steps", self.max_steps, 1, allow_none=True)
         _at_least("trainer.accumulate_grad_batches", self.accumulate_grad_batches, 1)
         _at_least("trainer.log_every_n_steps", self.log_every_n_steps, 1)

@@ -19,6 +19,7 @@ plotted as `diagnostics.png` at the end of the run):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from collections.abc import Sequence
 
 import lightning as L
@@ -111,14 +112,15 @@ class InterfaceDiagnostics(L.Callback):
             metrics["diag/nll_true"] = self._answer_nll(model, self.batches["true"], device)
             metrics["diag/nll_swapped"] = self._answer_nll(model, self.batches["swapped"], device)
             metrics["diag/swap_delta_nll"] = metrics["diag/nll_swapped"] - metrics["diag/nll_true"]
-            decoder = model.language_model if isinstance(model, ProteinLLM) else model
-            embeddings = decoder.get_input_embeddings().weight
-            metrics["diag/text_token_rms"] = float(embeddings.float().pow(2).mean().sqrt())
-            if isinstance(model, ProteinLLM) and self.processor is not None:
-                ids = self.processor.encode_proteins(self.proteins)
-                encoder_device = next(model.protein_encoder.parameters()).device
-                tokens = model.get_protein_features(ids.to(encoder_device))
-                metrics["diag/protein_token_rms"] = float(tokens.float().pow(2).mean().sqrt())
+            with _root_unsharded(model):  # the embeddings and the projector are called outside the model's forward
+                decoder = model.language_model if isinstance(model, ProteinLLM) else model
+                embeddings = decoder.get_input_embeddings().weight
+                metrics["diag/text_token_rms"] = float(embeddings.float().pow(2).mean().sqrt())
+                if isinstance(model, ProteinLLM) and self.processor is not None:
+                    ids = self.processor.encode_proteins(self.proteins)
+                    encoder_device = next(model.protein_encoder.parameters()).device
+                    tokens = model.get_protein_features(ids.to(encoder_device))
+                    metrics["diag/protein_token_rms"] = float(tokens.float().pow(2).mean().sqrt())
         return metrics
 
     # --- Lightning hooks
@@ -181,9 +183,35 @@ def _with_representations(model, batch: dict, device) -> dict:
     return batch
 
 
+@contextmanager
+def _root_unsharded(model):
+    """Under FSDP (trainer=fsdp) the root unit's parameters (embeddings, projector, LM head) are shards between
+    forwards: gather them for the duration (every rank runs the callback, so the all-gather is collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def _grad_norm(parameters) -> float:
-    squares = [float(p.grad.detach().float().pow(2).sum()) for p in parameters if p.requires_grad and p.grad is not None]
-    return math.sqrt(sum(squares)) if squares else 0.0
+    """The gradients' global 2-norm; under FSDP each rank holds a slice of each gradient, summed over ranks."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad.detach() for p in parameters if p.requires_grad and p.grad is not None]
+    sharded = any(isinstance(g, DTensor) for g in grads)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    total = sum(float(g.float().pow(2).sum()) for g in local)
+    if sharded and torch.distributed.is_initialized():
+        summed = torch.tensor(total, dtype=torch.float64, device=local[0].device)
+        torch.distributed.all_reduce(summed)
+        total = float(summed)
+    return math.sqrt(total)
 
 
 __all__ = ["InterfaceDiagnostics", "swap_proteins"]

@@ -66,16 +66,15 @@ def configure_adamw(parameters, config: OptimConfig, projector_parameters=(), su
         groups_by_lr[key][2 if parameter.ndim < 2 else 1].append(parameter)
     if not any(decay or no_decay for _, decay, no_decay in groups_by_lr.values()):
         raise ValueError("nothing to train: every parameter is frozen")
-    # No weight decay on biases and norms. The first two groups are always there, so optimizer states of
-    # runs without a projector_lr or summary_lr keep their layout (resume).
+    # No weight decay on biases and norms. No empty group: torch.distributed.checkpoint's optimizer loader
+    # (FSDP resume) matches groups by their parameters' names and leaves an empty group without lr or betas.
     groups = []
-    for key, (lr, decay, no_decay) in groups_by_lr.items():
-        if key != "base" and not (decay or no_decay):
-            continue
+    for lr, decay, no_decay in groups_by_lr.values():
         lr_setting = {} if lr is None else {"lr": lr}
         groups += [
-            {"params": decay, "weight_decay": config.weight_decay, **lr_setting},
-            {"params": no_decay, "weight_decay": 0.0, **lr_setting},
+            {"params": params, "weight_decay": weight_decay, **lr_setting}
+            for params, weight_decay in ((decay, config.weight_decay), (no_decay, 0.0))
+            if params
         ]
     optimizer = torch.optim.AdamW(
         groups,
@@ -108,7 +107,7 @@ class NonFiniteGuard:
     def check_gradients(self, module: nn.Module) -> None:
         """Drop all gradients when any is non-finite: optimizers leave parameters without .grad untouched."""
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        if grads and not _all_finite(grads):
             for parameter in module.parameters():
                 parameter.grad = None
             self._skip("gradient")
@@ -139,3 +138,17 @@ def check_trainable_keys_present(module: nn.Module, state_dict: dict) -> None:
             f"the checkpoint lacks {len(missing)} trainable tensors of this run (e.g. {missing[:3]}); "
             "it was written by a run with another model or stage"
         )
+
+
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient is finite, on every rank. Sharded (FSDP2) gradients are DTensors and each rank
+    holds a slice: the ranks agree through an all-reduce, or one would skip a step the others take."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(g, DTensor) for g in grads)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    finite = torch.tensor(all(bool(torch.isfinite(g).all()) for g in local), dtype=torch.int32)
+    if sharded and torch.distributed.is_initialized():
+        finite = finite.to(local[0].device)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)

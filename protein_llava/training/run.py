@@ -31,6 +31,7 @@ from .run_folder import LOGS, RunFolder, save_adapters
 from .console import StageProgressBar, quiet_lightning
 from .datamodule import SFTDataModule
 from .export import export_run
+from .launch import resolve_launch
 from .plan import TrainPlan, resolve_plan
 from .alignment import align_projector_to_residues
 from .diagnostics import InterfaceDiagnostics
@@ -142,6 +143,7 @@ def make_trainer(plan: TrainPlan, callbacks: Sequence[L.Callback] = (), validate
     return L.Trainer(
         accelerator=trainer.accelerator,
         devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
         strategy=strategy,
         precision=trainer.precision,
         max_steps=plan.max_steps,
@@ -169,17 +171,13 @@ def extra_callbacks(config: TrainConfig) -> list:
 
 
 def _build_strategy(spec: dict):
-    """Strategy objects for the ready-made FSDP / DeepSpeed configs."""
+    """The strategy object of `trainer.strategy: {name: fsdp, ...}` (configs/train/trainer/fsdp.yaml)."""
     name = spec.pop("name")
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from .sharding import FSDP2Strategy
 
-        return FSDPStrategy(**spec)
-    if name == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(**spec)
-    raise ValueError(f"unknown trainer.strategy.name {name!r}; choose fsdp or deepspeed (or a plain string)")
+        return FSDP2Strategy(**spec)
+    raise ValueError(f"unknown trainer.strategy.name {name!r}; choose fsdp (or a plain Lightning strategy string)")
 
 
 def _make_logger(config: TrainConfig, out: Path):
@@ -211,6 +209,9 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
     started = time.perf_counter()
     plan = cfg if isinstance(cfg, TrainPlan) else resolve_plan(cfg)
     config, out = plan.config, plan.out
+    launch = resolve_launch(config.trainer.devices, config.trainer.num_nodes)
+    if launch.cluster != "local":
+        log.info("%s", launch.describe())
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True)
     train_path, val_path = data_paths(config)
@@ -270,15 +271,34 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
             ) from error
 
     summary = RunSummary(stage=config.stage, run=config.run_name, out=str(out), steps=trainer.global_step)
+    trained = _unsharded(plan, module.model)
     if trainer.is_global_zero:
-        _write_outputs(plan, summary, module, processor, tokenizer, datamodule)
+        _write_outputs(plan, summary, module, trained, processor, tokenizer, datamodule)
         summary.wall_seconds = round(time.perf_counter() - started, 1)
         summary.write(out)
     return summary
 
 
-def _write_outputs(plan: TrainPlan, summary: RunSummary, module, processor, tokenizer, datamodule) -> None:
-    run, model = RunFolder(plan.out), module.model
+def _unsharded(plan: TrainPlan, model):
+    """The trained model as one process holds it: `model` itself, or, after FSDP, a fresh unsharded copy on
+    rank 0 holding the gathered weights (every rank takes part in the gather; the others get None)."""
+    from .sharding import gather_full_state, is_sharded
+
+    if not is_sharded(model):
+        return model
+    state = gather_full_state(model)
+    if not state:
+        return None
+    copy, _, _ = build_model(plan)
+    if plan.projector is not None:
+        load_projector(copy, plan.projector)
+    copy = apply_stage_spec(copy, plan.spec, plan.config.stage2.lora)
+    copy.load_state_dict(state, strict=True)
+    return copy
+
+
+def _write_outputs(plan: TrainPlan, summary: RunSummary, module, model, processor, tokenizer, datamodule) -> None:
+    run = RunFolder(plan.out)
     if isinstance(model, ProteinLLM):
         save_projector(model, run.projector)
     save_adapters(model, run.path)

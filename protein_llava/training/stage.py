@@ -18,10 +18,12 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..constants import IGNORE_INDEX
 from ..data.collate import SWAPPED_PREFIX
 from ..model.loss import chunked_cross_entropy_per_sample
 from ..model.modeling import ProteinLLM
 from ..quantization import compute_dtype, keep_training_layout
+from .checkpointing import random_states, restore_random_states
 from .config import LoraSettings
 from .optim import NonFiniteGuard, OptimConfig, check_trainable_keys_present, configure_adamw, trainable_state_dict
 
@@ -175,6 +177,7 @@ class StageModule(L.LightningModule):
         self.strict_loading = False
         self.guard = NonFiniteGuard(optim.max_nonfinite_in_a_row)
         self._last_loss = None  # a tensor (no device sync per step), for the run's summary
+        self._resumed_random_states = None  # this rank's generators from the checkpoint resumed, until step one
 
     def loss(self, batch: dict, contrast: bool = True):
         """The causal-LM loss of `batch`; with `contrast_weight` and a swapped copy in the batch (the
@@ -235,10 +238,33 @@ class StageModule(L.LightningModule):
         loss = self.loss(batch)
         if not self.guard.check_loss(loss):
             return None  # Lightning skips the optimizer step
-        self._last_loss = loss.detach()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("train/skipped_steps", float(self.guard.skipped), batch_size=batch["input_ids"].shape[0])
+        size = batch["input_ids"].shape[0]
+        share = self._token_share(batch)
+        if share is None:
+            self._last_loss = loss.detach()
+            self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        else:
+            # Summed over the ranks, the token-weighted means give the mean over the step's tokens.
+            self._last_loss = self.trainer.strategy.reduce(loss.detach() * share, reduce_op="sum")
+            self.log("train/loss", self._last_loss, prog_bar=True, batch_size=size)
+            loss = loss * (share * self.trainer.world_size)
+        self.log("train/skipped_steps", float(self.guard.skipped), batch_size=size)
         return loss
+
+    def _token_share(self, batch) -> torch.Tensor | None:
+        """This rank's share of the step's supervised tokens (None on one process).
+
+        Data-parallel engines (DDP, FSDP) average the ranks' gradients. Each rank's loss is a mean over its
+        own answer tokens, so a plain average would weight a token on a rank with few answer tokens more than
+        one on a busy rank. Scaling each rank's loss by (its tokens / all tokens) × world size makes the
+        average the gradient of the mean over all the step's tokens: what one process computes on the whole
+        global batch. One process: unchanged, to the bit."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        # The decoder's loss shifts labels by one: the first position is never a target.
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(torch.float32)
+        total = self.trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
+        return tokens / total.clamp(min=1)
 
     def validation_step(self, batch, batch_idx):
         loss = self.loss(batch, contrast=False)
@@ -257,6 +283,22 @@ class StageModule(L.LightningModule):
             summary_parameters=summary.parameters() if summary is not None else (),
         )
 
+    def configure_model(self):
+        """Under trainer=fsdp (Lightning's ModelParallelStrategy gives a device mesh), shard the model with
+        FSDP2 (`sharding.shard_stage_model`). Every other strategy leaves the model as it is."""
+        if self.device_mesh is None:
+            return
+        from .sharding import is_sharded, shard_stage_model
+
+        if is_sharded(self.model):
+            return
+        if self.contrast_weight:
+            raise ValueError(
+                "stage contrast_weight > 0 runs the decoder outside the model's own forward, which FSDP does not "
+                "see; use trainer=ddp (or one device) for the swap-contrast loss"
+            )
+        shard_stage_model(self.model, self.device_mesh["data_parallel"])
+
     def on_fit_start(self):
         # Lightning keeps each module's mode as it finds it, and from_pretrained hands over eval-mode
         # decoders: whatever trains goes to train mode, and the frozen parts stay in eval mode.
@@ -267,7 +309,34 @@ class StageModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
         checkpoint["nonfinite_skipped"] = self.guard.skipped
+        # Every rank's generators (one process writes the file): LoRA dropout draws its masks from them, and
+        # a resume that reseeds instead is not the run it continues (Lightning saves no random state).
+        states = random_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["random_states"] = gathered
+        else:
+            checkpoint["random_states"] = [states]
 
     def on_load_checkpoint(self, checkpoint):
-        check_trainable_keys_present(self, checkpoint["state_dict"])
+        # A sharded (FSDP) checkpoint hands its tensors over in the strategy's loader, which refuses a
+        # missing trainable tensor itself; only a single-file checkpoint carries its state_dict here.
+        if "state_dict" in checkpoint:
+            check_trainable_keys_present(self, checkpoint["state_dict"])
         self.guard.skipped = checkpoint.get("nonfinite_skipped", 0)
+        states = checkpoint.get("random_states")
+        if states is not None:
+            if len(states) != self.trainer.world_size:
+                raise ValueError(
+                    f"this checkpoint was written by {len(states)} process(es) and is resumed by {self.trainer.world_size}: "
+                    "its random state (dropout masks) cannot continue exactly; resume with the same devices × num_nodes"
+                )
+            # Set just before the first resumed step, not now: creating the data iterator draws a seed from
+            # the global generator, which the interrupted run did once at the start of its epoch.
+            self._resumed_random_states = states[self.trainer.global_rank]
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._resumed_random_states is not None:
+            restore_random_states(self._resumed_random_states)
+            self._resumed_random_states = None

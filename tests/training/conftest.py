@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tiny_runs import TWO_STAGE_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,9 +35,7 @@ class TwoStageRun:
 
 
 def _two_stage_run(checkpoints: Path) -> TwoStageRun:
-    common = ["model=tiny", "trainer.max_steps=6", f"checkpoints_dir={checkpoints}", "checkpoint_every=3",
-              "trainer.log_every_n_steps=1", "progress_every=1"]
-    output = {stage: run_train(f"stage={stage}", *common) for stage in (1, 2)}
+    output = {stage: run_train(*TWO_STAGE_OVERRIDES[stage], f"checkpoints_dir={checkpoints}") for stage in (1, 2)}
     return TwoStageRun(checkpoints, output)
 
 

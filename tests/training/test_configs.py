@@ -34,10 +34,8 @@ def test_every_option_composes_and_resolves(group, option, stage):
     assert config.model.preset in PRESET_NAMES
     assert optim_config(config).total_steps == config.max_steps >= 1
     strategy = config.trainer.strategy
-    if isinstance(strategy, dict) and strategy["name"] == "fsdp":
-        assert type(_build_strategy(dict(strategy))).__name__ == "FSDPStrategy"
-    elif isinstance(strategy, dict):
-        assert strategy["name"] == "deepspeed" and strategy["stage"] in (2, 3)
+    if isinstance(strategy, dict):
+        assert strategy["name"] == "fsdp" and type(_build_strategy(dict(strategy))).__name__ == "FSDP2Strategy"
 
 
 def test_literal_stage_commands_are_plain_keys():

@@ -12,6 +12,8 @@ def _lr_of_each_parameter(module: StageModule) -> dict[str, float]:
     optimizer = module.configure_optimizers()["optimizer"]
     lr_by_id = {}
     for group in optimizer.param_groups:
+        # An empty group loses its lr and betas in torch.distributed.checkpoint's loader (FSDP resume).
+        assert group["params"], "an empty parameter group"
         for parameter in group["params"]:
             assert id(parameter) not in lr_by_id, "a parameter sits in two groups"
             lr_by_id[id(parameter)] = group["initial_lr"]  # the peak rate; "lr" is the schedule's step-0 value

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny_runs import TWO_STAGE_OVERRIDES
+
 from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
 from protein_llava.training.config import LoraSettings, compose_train_config
 from protein_llava.training.plan import resolve_plan
@@ -173,29 +175,56 @@ def test_unknown_key_is_named_before_anything_loads(tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    common = ["stage=1", "model=tiny", "trainer.max_steps=8", "checkpoint_every=2", "keep_checkpoints=-1", f"checkpoints_dir={tmp_path}"]
-    run_script([*common, f"out={tmp_path / 'straight'}"])
-    killed = run_script(
-        [*common, f"out={tmp_path / 'killed'}", "callbacks=[{_target_: fault_injection.KillAfterCheckpoint, step: 5}]"], check=False
-    )
+def _trained_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """What a run trained: its projector and, in stage 2, its LoRA adapter."""
+    tensors = {f"projector.{k}": v for k, v in load_file(str(run / "projector.safetensors")).items()}
+    adapter = RunFolder(run).adapter / "adapter_model.safetensors"
+    if adapter.is_file():
+        tensors.update({f"adapter.{k}": v for k, v in load_file(str(adapter)).items()})
+    return tensors
+
+
+def _killed_and_resumed(overrides, out: Path, kill_after: int, resumed_from: int) -> None:
+    """`train.py OVERRIDES` SIGKILLed after step `kill_after`, then `resume=auto`; checks it resumed."""
+    killed = run_script([*overrides, f"out={out}", f"callbacks=[{{_target_: fault_injection.KillAfterCheckpoint, step: {kill_after}}}]"],
+                        check=False)
     assert killed.returncode == -9  # SIGKILL
-    assert not (tmp_path / "killed" / "projector.safetensors").exists()
-    run_script([*common, f"out={tmp_path / 'killed'}", "resume=auto"])
-    straight = load_file(str(tmp_path / "straight" / "projector.safetensors"))
-    resumed = load_file(str(tmp_path / "killed" / "projector.safetensors"))
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    assert not (out / "projector.safetensors").exists()
+    start = out.parent / f"{out.name}-start.txt"
+    run_script([*overrides, f"out={out}", "resume=auto", f"callbacks=[{{_target_: fault_injection.RecordStartStep, path: '{start}'}}]"])
+    assert start.read_text() == str(resumed_from)  # resumed from that checkpoint, not started over
+
+
+def _assert_same_training(straight: Path, resumed: Path, stage: int) -> None:
+    first, second = _trained_tensors(straight), _trained_tensors(resumed)
+    assert first.keys() == second.keys() and any(k.startswith("adapter.") for k in first) == (stage == 2)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path):
-    result = run_script(["stage=1", "model=tiny", "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=3", f"out={tmp_path}"])
-    assert "Starting with 2 processes" in result.stdout + result.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stage"] == 1 and (tmp_path / "projector.safetensors").is_file()
+@pytest.mark.parametrize("stage", [1, 2])
+def test_killed_run_resumes_to_the_same_weights(stage, tiny_two_stage_run, tmp_path):
+    """The shared two-stage run (stage 2: LoRA with dropout 0.1) repeated, kill -9 after step 4 (step 3's
+    checkpoint on disk), then resume=auto: bit-identical to the run never interrupted."""
+    checkpoints = tiny_two_stage_run.checkpoints
+    overrides = [*TWO_STAGE_OVERRIDES[stage], f"checkpoints_dir={checkpoints}"]
+    if stage == 2:
+        overrides.append(f"stage2.projector={checkpoints / 'tiny-stage1' / 'projector.safetensors'}")
+    _killed_and_resumed(overrides, tmp_path / "killed", kill_after=4, resumed_from=3)
+    _assert_same_training(checkpoints / f"tiny-stage{stage}", tmp_path / "killed", stage)
+
+
+@pytest.mark.slow
+def test_killed_qlora_run_resumes_to_the_same_weights(two_stage_run, tmp_path):
+    """The same for QLoRA (LoRA with dropout on the 4-bit NF4 decoder): bit-identical too."""
+    overrides = ["stage=2", "model=tiny", "stage2.llm=qlora", "stage2.lora.dropout=0.1", "trainer.max_steps=4", "checkpoint_every=2",
+                 "diagnostics.every=0", "data.limit=64", f"data.demo_dir={two_stage_run / 'demo-data'}",
+                 f"stage2.projector={two_stage_run / 'tiny-stage1' / 'projector.safetensors'}",
+                 f"checkpoints_dir={tmp_path}"]
+    run_script([*overrides, f"out={tmp_path / 'straight'}"])
+    _killed_and_resumed(overrides, tmp_path / "killed", kill_after=3, resumed_from=2)
+    _assert_same_training(tmp_path / "straight", tmp_path / "killed", stage=2)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,41 @@
+"""training/checkpointing.py: the projector file's shape check, and the random state a checkpoint carries."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from protein_llava.builders import build_protein_llm
+from protein_llava.model.configuration import ProteinLLMConfig
+from protein_llava.text_tokenizer import byte_level_tokenizer
+from protein_llava.training.checkpointing import check_projector_file, random_states, restore_random_states, save_projector
+
+
+def _tiny_config(**projector):
+    config = ProteinLLMConfig.from_preset("tiny").with_projector(output_norm="rms", **projector)
+    return config
+
+
+def test_the_projector_gains_initial_value_is_not_a_shape(tmp_path):
+    model, _ = build_protein_llm(_tiny_config(), byte_level_tokenizer())
+    save_projector(model, tmp_path / "projector.safetensors")
+    # The gain's start measured with another thread count differs in its last bits: the same projector.
+    config = model.config
+    config.projector_config.output_scale = config.projector_config.output_scale * (1 + 1e-7)
+    check_projector_file(tmp_path / "projector.safetensors", config)
+    # Another reduction is another shape: refused, naming the field.
+    other = _tiny_config(token_reduction="mean_pool", pool_stride=2)
+    with pytest.raises(ValueError, match="was trained for projector_config="):
+        check_projector_file(tmp_path / "projector.safetensors", other)
+
+
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    saved = random_states()
+    torch.save({"random_states": [saved]}, tmp_path / "state.pt")
+    expected = (torch.rand(4), random.random(), np.random.rand())
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    restore_random_states(torch.load(tmp_path / "state.pt", weights_only=True)["random_states"][0])
+    again = (torch.rand(4), random.random(), np.random.rand())
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
