@@ -11,6 +11,7 @@ tokens the collator left supervised (`StageSpec.loss_on` picks the tokenizer mod
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from ..quantization import compute_dtype, keep_training_layout
 from .checkpointing import random_states, restore_random_states
 from .config import LoraSettings
 from .optim import NonFiniteGuard, OptimConfig, check_trainable_keys_present, configure_adamw, trainable_state_dict
+
+log = logging.getLogger(__name__)
 
 ENCODER_CHOICES = ("frozen", "lora", "full")
 PROJECTOR_CHOICES = ("frozen", "full")
@@ -326,12 +329,15 @@ class StageModule(L.LightningModule):
             check_trainable_keys_present(self, checkpoint["state_dict"])
         self.guard.skipped = checkpoint.get("nonfinite_skipped", 0)
         states = checkpoint.get("random_states")
-        if states is not None:
-            if len(states) != self.trainer.world_size:
-                raise ValueError(
-                    f"this checkpoint was written by {len(states)} process(es) and is resumed by {self.trainer.world_size}: "
-                    "its random state (dropout masks) cannot continue exactly; resume with the same devices × num_nodes"
-                )
+        if states is not None and len(states) != self.trainer.world_size:
+            # Resuming on another number of processes is legitimate (a cluster hands out what it has); only
+            # exactness is lost, and the log says so.
+            log.warning(
+                "this checkpoint was written by %d process(es) and is resumed by %d: the random state (dropout "
+                "masks) restarts from the seed, so the run continues but not bit-identically",
+                len(states), self.trainer.world_size,
+            )
+        elif states is not None:
             # Set just before the first resumed step, not now: creating the data iterator draws a seed from
             # the global generator, which the interrupted run did once at the start of its epoch.
             self._resumed_random_states = states[self.trainer.global_rank]

@@ -39,3 +39,21 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     restore_random_states(torch.load(tmp_path / "state.pt", weights_only=True)["random_states"][0])
     again = (torch.rand(4), random.random(), np.random.rand())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+def test_a_resume_on_another_number_of_processes_warns_and_keeps_the_seeded_state(caplog):
+    import lightning as L
+
+    from protein_llava import build_tiny
+    from protein_llava.training.optim import OptimConfig
+    from protein_llava.training.stage import StageModule
+
+    model, _ = build_tiny(seed=0)
+    module = StageModule(model, OptimConfig(total_steps=1))
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    states = [random_states(), random_states()]  # written by two processes
+    with caplog.at_level("WARNING"):
+        module.on_load_checkpoint({"random_states": states})
+    assert "written by 2 process(es) and is resumed by 1" in caplog.text and module._resumed_random_states is None
+    module.on_load_checkpoint({"random_states": states[:1]})  # the same number: restored before the next step
+    assert module._resumed_random_states is states[0]
