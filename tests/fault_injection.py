@@ -14,7 +14,6 @@ class KillAfterCheckpoint(L.Callback):
         self.step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # Callbacks run in registration order: ModelCheckpoint (registered first) has already saved.
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -30,3 +29,4 @@ class RecordStartStep(L.Callback):
         if trainer.is_global_zero:
             with open(self.path, "w") as handle:
                 handle.write(str(trainer.global_step))
+

@@ -8,7 +8,7 @@ from sample_proteins import P1, P2
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (flash-attention and bf16 checks)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (flash-attention, bf16, the GPU trainer configs)"),
 ]
 
 
@@ -47,3 +47,23 @@ def test_bf16_training_step_is_finite_and_updates_the_projector(tiny_folder):
     optimizer.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.projector.parameters()))
+
+
+@pytest.mark.parametrize("trainer", [["trainer=gpu"], ["trainer=fsdp", "trainer.devices=1"]], ids=["gpu", "fsdp-one-gpu"])
+def test_the_gpu_trainer_configs_train(trainer, tmp_path):
+    """configs/train/trainer/gpu.yaml and fsdp.yaml (NCCL, one GPU) as a user runs them, on the tiny preset."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "train.py"), "stage=1", "model=tiny", *trainer, "trainer.max_steps=2", "stage1.align_steps=10",
+         f"checkpoints_dir={tmp_path}", f"out={tmp_path / 'run'}", "hydra/job_logging=none", "hydra/hydra_logging=none"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    assert ProteinLLM.from_pretrained(tmp_path / "run" / "export") is not None

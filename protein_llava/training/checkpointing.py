@@ -95,10 +95,15 @@ def _strip(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
 
 
+SHARDED_CHECKPOINT_DONE = "meta.pt"  # Lightning's ModelParallelStrategy writes it last, on rank 0, after every shard
+
+
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The newest Lightning checkpoint under `folder`, by modification time: a file, or (FSDP) a folder of
-    shards."""
-    candidates = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The newest complete Lightning checkpoint under `folder`, by modification time: a file (written
+    atomically), or (FSDP) a folder of shards. A folder without its `meta.pt` was cut short by a kill during
+    the save (sharded saves bypass the atomic write) and is passed over."""
+    candidates = [p for p in Path(folder).glob("*.ckpt") if p.is_file() or (p / SHARDED_CHECKPOINT_DONE).is_file()]
+    candidates = sorted(candidates, key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
 
 
@@ -122,7 +127,7 @@ def random_states() -> dict:
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))
     states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # this process's device: ranks may see other device counts
     return states
 
 
@@ -132,4 +137,4 @@ def restore_random_states(states: dict) -> None:
     kind, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])

@@ -108,19 +108,19 @@ class InterfaceDiagnostics(L.Callback):
     def measure(self, model, device) -> dict[str, float]:
         """The interface's numbers for `model` now (eval mode is the caller's business)."""
         metrics = {}
-        with torch.no_grad():
+        # The encoder, the embeddings and the projector are called outside the model's own forward.
+        with torch.no_grad(), _root_unsharded(model):
             metrics["diag/nll_true"] = self._answer_nll(model, self.batches["true"], device)
             metrics["diag/nll_swapped"] = self._answer_nll(model, self.batches["swapped"], device)
             metrics["diag/swap_delta_nll"] = metrics["diag/nll_swapped"] - metrics["diag/nll_true"]
-            with _root_unsharded(model):  # the embeddings and the projector are called outside the model's forward
-                decoder = model.language_model if isinstance(model, ProteinLLM) else model
-                embeddings = decoder.get_input_embeddings().weight
-                metrics["diag/text_token_rms"] = float(embeddings.float().pow(2).mean().sqrt())
-                if isinstance(model, ProteinLLM) and self.processor is not None:
-                    ids = self.processor.encode_proteins(self.proteins)
-                    encoder_device = next(model.protein_encoder.parameters()).device
-                    tokens = model.get_protein_features(ids.to(encoder_device))
-                    metrics["diag/protein_token_rms"] = float(tokens.float().pow(2).mean().sqrt())
+            decoder = model.language_model if isinstance(model, ProteinLLM) else model
+            embeddings = decoder.get_input_embeddings().weight
+            metrics["diag/text_token_rms"] = float(embeddings.float().pow(2).mean().sqrt())
+            if isinstance(model, ProteinLLM) and self.processor is not None:
+                ids = self.processor.encode_proteins(self.proteins)
+                encoder_device = next(model.protein_encoder.parameters()).device
+                tokens = model.get_protein_features(ids.to(encoder_device))
+                metrics["diag/protein_token_rms"] = float(tokens.float().pow(2).mean().sqrt())
         return metrics
 
     # --- Lightning hooks
@@ -173,6 +173,12 @@ class InterfaceDiagnostics(L.Callback):
 def _with_representations(model, batch: dict, device) -> dict:
     """The batch on `device`; proteins as encoder representations computed where the encoder lives (with
     the frozen-encoder cache the encoder stays on the CPU while the decoder may sit on a GPU)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        # Under FSDP the encoder sits on the decoder's device, and its layers must run inside the root's
+        # forward (FSDP initialises the root's state on its first forward; a layer called first would claim it).
+        return {k: v.to(device) for k, v in batch.items()}
     batch = {k: v.to(device) if k != "protein_input_ids" else v for k, v in batch.items()}
     ids = batch.pop("protein_input_ids", None)
     if ids is not None and isinstance(model, ProteinLLM):
@@ -185,8 +191,9 @@ def _with_representations(model, batch: dict, device) -> dict:
 
 @contextmanager
 def _root_unsharded(model):
-    """Under FSDP (trainer=fsdp) the root unit's parameters (embeddings, projector, LM head) are shards between
-    forwards: gather them for the duration (every rank runs the callback, so the all-gather is collective)."""
+    """Under FSDP (trainer=fsdp) the root unit's parameters (embeddings, projector, LM head, and a training
+    encoder's embeddings and final norm) are shards between forwards: gather them for the duration (every rank
+    runs the callback, so the all-gather is collective). Units of their own (layers) gather themselves."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):

@@ -3,13 +3,17 @@
 Parameters are counted exactly, on a model built on the meta device (no memory, no download). What is
 estimated, and how:
 - weights, gradients and AdamW's two moments in the weights' dtype (the preset's: torch's AdamW keeps its
-  state in the parameter's dtype), sharded over every process (`training/sharding.py`): the decoder and,
-  when they train, the projector and LoRA; the frozen encoder replicated;
-- two decoder layers all-gathered at once (the one computing and the one prefetched);
+  state in the parameter's dtype; pure-bf16 moments lose small updates, `model.dtype=float32` avoids that),
+  sharded over every process (`training/sharding.py`): the decoder, the projector and LoRA (gradients and
+  moments: what trains); the frozen encoder replicated;
+- the root unit (embeddings, final norm, LM head, projector) gathered: FSDP2 keeps the root unsharded from
+  its forward to its backward; two decoder layers gathered at once (the one computing, the one prefetched);
+- unsharded gradients before their reduce-scatter: the root's and one layer's;
 - activations (16-bit, flash attention, no s² term): about 34·s·b·h bytes per decoder layer (Korthikanti et
   al. 2022, "Reducing Activation Recomputation in Large Transformer Models"); with gradient checkpointing, each
   layer keeps its input (2·s·b·h bytes) and one layer at a time holds the full 34·s·b·h;
-- the loss: `loss_chunk_size` positions of float32 logits and their gradient at a time.
+- the loss: `loss_chunk_size` positions of logits at a time, about 16 bytes per logit (bf16 logits, their
+  float32 copy, the log-softmax and the gradient).
 Not counted: the CUDA context and allocator slack (add 1–3 GiB), the encoder's activations (no gradient).
 """
 
@@ -25,6 +29,7 @@ from ..model.modeling import ProteinLLM
 
 GIB = 1024**3
 ACTIVATION_BYTES_PER_SBH = 34  # Korthikanti et al. 2022, per layer, 16-bit activations, without the s² attention term
+LOSS_BYTES_PER_LOGIT = 16  # bf16 logits (2), their float32 copy (4), log-softmax (4), its gradient (4), slack (2)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -37,6 +42,8 @@ class ParameterCounts:
     decoder: int
     decoder_layer: int
     decoder_layers: int
+    decoder_root: int
+    """The decoder's parameters outside its layers: embeddings, final norm, LM head (once if tied)."""
     hidden_size: int
     vocab_size: int
     lora_per_rank: int
@@ -60,6 +67,7 @@ def count_parameters(preset: str) -> ParameterCounts:
         decoder=_numel(model.language_model),
         decoder_layer=_numel(layers[0]),
         decoder_layers=len(layers),
+        decoder_root=_numel(model.language_model) - _numel(layers),
         hidden_size=config.text_config.hidden_size,
         vocab_size=config.text_config.vocab_size,
         lora_per_rank=linear_sides,
@@ -103,14 +111,20 @@ def estimate_gpu_memory(counts: ParameterCounts, llm: str, world_size: int, seq_
         activations = counts.decoder_layers * 2 * tokens * counts.hidden_size + layer_activations
     else:
         activations = counts.decoder_layers * layer_activations
+    root = counts.decoder_root + counts.projector
+    # Gradients held whole until their reduce-scatter: the root's trainable part and one layer's.
+    layer_lora = lora // counts.decoder_layers
+    in_flight = (root + counts.decoder_layer) if llm == "full" else (counts.projector + layer_lora)
     rows = {
         "weights (sharded)": sharded_weights * width / world_size,
         "gradients (sharded)": trainable * width / world_size,
         "AdamW moments (sharded)": 2 * trainable * width / world_size,
         "encoder (frozen, replicated)": counts.encoder * width,
-        "all-gathered layers (2)": 2 * counts.decoder_layer * width,
+        "root unit, gathered": root * width,
+        "decoder layers, gathered (2)": 2 * counts.decoder_layer * width,
+        "gradients before reduce-scatter": in_flight * width,
         "activations": activations,
-        "loss (float32 logits chunk + gradient)": 2 * 4 * min(loss_chunk_size, tokens) * counts.vocab_size,
+        "loss (logits chunk)": LOSS_BYTES_PER_LOGIT * min(loss_chunk_size, tokens) * counts.vocab_size,
     }
     return MemoryEstimate({name: value / GIB for name, value in rows.items()})
 

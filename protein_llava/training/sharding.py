@@ -18,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME  # the file of a sharded checkpoint's non-tensor part
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from ..model.modeling import ProteinLLM
+from .checkpointing import SHARDED_CHECKPOINT_DONE
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -62,7 +62,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
             dcp.load(optimizer_state, checkpoint_id=path)
             set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key])
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        return torch.load(path / SHARDED_CHECKPOINT_DONE, weights_only=weights_only)
 
 
 def _decoder_layers(decoder: nn.Module) -> nn.ModuleList:

@@ -181,6 +181,7 @@ class StageModule(L.LightningModule):
         self.guard = NonFiniteGuard(optim.max_nonfinite_in_a_row)
         self._last_loss = None  # a tensor (no device sync per step), for the run's summary
         self._resumed_random_states = None  # this rank's generators from the checkpoint resumed, until step one
+        self._drop_update = False  # data parallel: a rank's loss was non-finite, every rank drops this update
 
     def loss(self, batch: dict, contrast: bool = True):
         """The causal-LM loss of `batch`; with `contrast_weight` and a swapped copy in the batch (the
@@ -239,10 +240,17 @@ class StageModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
-        if not self.guard.check_loss(loss):
-            return None  # Lightning skips the optimizer step
+        share, finite_everywhere = self._data_parallel_step(batch, loss)
+        if not self.guard.check_loss(loss if finite_everywhere else loss.new_tensor(float("nan"))):
+            if share is None:
+                return None  # one process: Lightning skips the optimizer step
+            # Lightning refuses a skipped training_step in distributed training, and a rank that skipped its
+            # backward would leave the others waiting in the gradient reduction: every rank runs a backward
+            # of nothing, and the update is dropped before the optimizer sees it (on_before_optimizer_step).
+            # The batch still counts as an optimizer step.
+            self._drop_update = True
+            return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
         size = batch["input_ids"].shape[0]
-        share = self._token_share(batch)
         if share is None:
             self._last_loss = loss.detach()
             self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -254,26 +262,37 @@ class StageModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.guard.skipped), batch_size=size)
         return loss
 
-    def _token_share(self, batch) -> torch.Tensor | None:
-        """This rank's share of the step's supervised tokens (None on one process).
+    def _data_parallel_step(self, batch, loss) -> tuple[torch.Tensor | None, bool]:
+        """(this rank's share of the step's supervised tokens, whether the loss is finite on every rank); on
+        one process (None, True).
 
-        Data-parallel engines (DDP, FSDP) average the ranks' gradients. Each rank's loss is a mean over its
-        own answer tokens, so a plain average would weight a token on a rank with few answer tokens more than
-        one on a busy rank. Scaling each rank's loss by (its tokens / all tokens) × world size makes the
-        average the gradient of the mean over all the step's tokens: what one process computes on the whole
-        global batch. One process: unchanged, to the bit."""
+        The share: data-parallel engines (DDP, FSDP) average the ranks' gradients. Each rank's loss is a mean
+        over its own answer tokens, so a plain average would weight a token on a rank with few answer tokens
+        more than one on a busy rank. Scaling each rank's loss by (its tokens / all tokens) × world size makes
+        the average the gradient of the mean over all the step's tokens: what one process computes on the
+        whole global batch. (With contrast_weight > 0 under DDP the contrast term is scaled alike: a per-row
+        hinge, it has no token count to weight by.) One process: unchanged, to the bit.
+
+        The flag: if one rank's loss is non-finite, every rank drops the step's update (training_step says
+        how), so the ranks never part ways. One all-reduce carries both."""
         if self._trainer is None or self.trainer.world_size == 1:
-            return None
+            return None, True
         # The decoder's loss shifts labels by one: the first position is never a target.
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(torch.float32)
-        total = self.trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
-        return tokens / total.clamp(min=1)
+        nonfinite = (~torch.isfinite(loss.detach())).to(torch.float32)
+        totals = self.trainer.strategy.reduce(torch.stack([tokens, nonfinite]), reduce_op="sum")
+        return tokens / totals[0].clamp(min=1), bool(totals[1] == 0)
 
     def validation_step(self, batch, batch_idx):
         loss = self.loss(batch, contrast=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_before_optimizer_step(self, optimizer):
+        if self._drop_update:  # a non-finite loss on some rank, counted in training_step
+            self._drop_update = False
+            for parameter in self.model.parameters():
+                parameter.grad = None
+            return
         self.guard.check_gradients(self.model)
 
     def configure_optimizers(self):
@@ -339,7 +358,9 @@ class StageModule(L.LightningModule):
             )
         elif states is not None:
             # Set just before the first resumed step, not now: creating the data iterator draws a seed from
-            # the global generator, which the interrupted run did once at the start of its epoch.
+            # the global generator, which the interrupted run did once at the start of its epoch. (A checkpoint
+            # on an epoch's last batch is the exception: there the interrupted run drew the next epoch's seed
+            # from the saved state, and the resumed run draws it from the seed.)
             self._resumed_random_states = states[self.trainer.global_rank]
 
     def on_train_batch_start(self, batch, batch_idx):

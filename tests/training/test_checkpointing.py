@@ -57,3 +57,23 @@ def test_a_resume_on_another_number_of_processes_warns_and_keeps_the_seeded_stat
     assert "written by 2 process(es) and is resumed by 1" in caplog.text and module._resumed_random_states is None
     module.on_load_checkpoint({"random_states": states[:1]})  # the same number: restored before the next step
     assert module._resumed_random_states is states[0]
+
+
+def test_resume_auto_passes_over_a_sharded_checkpoint_cut_short(tmp_path):
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    from protein_llava.training.checkpointing import SHARDED_CHECKPOINT_DONE, newest_checkpoint
+
+    # The file Lightning's ModelParallelStrategy writes last, after every shard, is the one we look for.
+    assert SHARDED_CHECKPOINT_DONE == _METADATA_FILENAME
+    complete, cut_short = tmp_path / "step000002.ckpt", tmp_path / "step000004.ckpt"
+    for folder in (complete, cut_short):
+        folder.mkdir()
+        (folder / "__0_0.distcp").write_bytes(b"shard")
+    (complete / SHARDED_CHECKPOINT_DONE).write_bytes(b"meta")
+    assert newest_checkpoint(tmp_path) == complete
+    (cut_short / SHARDED_CHECKPOINT_DONE).write_bytes(b"meta")
+    import os
+
+    os.utime(cut_short, (complete.stat().st_mtime + 10, complete.stat().st_mtime + 10))
+    assert newest_checkpoint(tmp_path) == cut_short

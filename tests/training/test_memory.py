@@ -18,6 +18,7 @@ def test_counts_equal_a_real_model_and_peft_lora():
     )
     layers = model.language_model.get_decoder().layers
     assert counts.decoder_layers == len(layers) and counts.decoder_layer == numel(layers[0])
+    assert counts.decoder_root == numel(model.language_model) - numel(layers) > 0
     # peft's "all-linear" LoRA of rank 4, counted by peft itself, against the estimate's count.
     model = apply_stage_spec(model, stage2_spec("lora"), LoraSettings(r=4))
     lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)

@@ -101,3 +101,36 @@ def _tiny_data(tmp_path):
     rows = [{"instruction": "Describe.", "input": "<seq> M K T A Y </seq>", "output": f"Protein {i}."} for i in range(12)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+class _TwoRanks:
+    """What StageModule asks of a data-parallel trainer, for rank 0 of two whose other rank's loss was NaN:
+    the all-reduce returns (both ranks' answer tokens, one non-finite loss)."""
+
+    world_size = 2
+
+    class strategy:
+        @staticmethod
+        def reduce(stats, reduce_op):
+            assert reduce_op == "sum"
+            return torch.stack([stats[0] * 2, stats[1] + 1])
+
+
+def test_a_nonfinite_loss_on_another_rank_drops_this_ranks_update_too(tmp_path):
+    """Data parallel: Lightning refuses a skipped training_step, and a rank without a backward would hang the
+    others; so a finite rank runs a backward of nothing and drops the update, as the NaN rank does."""
+    model, processor = build_tiny()
+    datamodule = SFTDataModule(
+        str(_tiny_data(tmp_path)), ConversationTokenizer(processor, 256, mode="caption"), pad_token_id=3, processor=processor, batch_size=2
+    )
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    module = StageModule(apply_stage_spec(model, STAGE1), OptimConfig(total_steps=5, warmup_steps=0))
+    module._trainer = _TwoRanks()
+    loss = module.training_step(batch, 0)
+    assert loss is not None and float(loss) == 0.0 and loss.requires_grad  # this rank's own loss was finite
+    assert module.guard.skipped == 1
+    loss.backward()
+    assert any(p.grad is not None for p in model.parameters())
+    module.on_before_optimizer_step(None)
+    assert all(p.grad is None for p in model.parameters()) and not module._drop_update
