@@ -140,10 +140,15 @@ def test_a_stream_whose_client_hangs_up_stops_generating(tiny_answerer):
 
 def test_a_stream_refused_by_a_full_queue_is_a_real_503(tiny_answerer):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
-    with serve(tiny_answerer, max_queued=1, max_wait_ms=1500, max_new_tokens=4) as url, httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
+    with serve(tiny_answerer, max_queued=1, max_wait_ms=4000, max_new_tokens=4) as url, httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(client.post, "/v1/answer", json=ANSWER)
-            time.sleep(0.4)  # the first prompt now waits in its 1.5 s gathering window
+            # Until the first prompt waits in its 4 s gathering window (asked, not assumed after a fixed sleep:
+            # on a loaded machine the request took longer than 0.4 s to reach the queue).
+            deadline = time.monotonic() + 3
+            while client.get("/health").json()["waiting"] < 1:
+                assert time.monotonic() < deadline, "the first prompt never reached the queue"
+                time.sleep(0.02)
             refused = client.post("/v1/chat/completions", json=body)
             assert first.result().status_code == 200
         assert refused.status_code == 503 and refused.json()["reason"] == "queue_full"
