@@ -1,4 +1,5 @@
-"""Lightning callbacks that tests inject through `callbacks=[{_target_: fault_injection....}]`."""
+"""Lightning callbacks that tests inject through `callbacks=[{_target_: fault_injection....}]`, and a process
+that dies halfway through a save."""
 
 import os
 import signal
@@ -30,3 +31,16 @@ class RecordStartStep(L.Callback):
             with open(self.path, "w") as handle:
                 handle.write(str(trainer.global_step))
 
+
+
+def die_halfway_through_a_save(target: str) -> None:
+    """atomic_write to `target` whose writer is SIGKILLed after half a file: run in a process of its own."""
+    from protein_llava.training.checkpointing import atomic_write
+
+    def half_then_die(temporary):
+        with open(temporary, "wb") as handle:
+            handle.write(b"partial checkpoint bytes")
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    atomic_write(target, half_then_die)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -85,6 +85,17 @@ class ItemError(ValueError):
 def official_prompt(question: str, options: Sequence[str]) -> str:
     """The official prompt: instruction, question, options one per line, then the answer anchor."""
     return OFFICIAL_INSTRUCTION + "\n Question: \n" + question + "\n Options: \n" + "\n".join(options) + "\n" + ANSWER_ANCHOR
+
+
+def iter_training_records(paths: Sequence[str]) -> Iterator[tuple[str, object]]:
+    """(record id, raw record) of every record in the training files, in order, as `iter_raw_records` gives
+    them (an unreadable record as its RecordError). `paths` must be a sequence of existing files."""
+    if isinstance(paths, (str, Path)):
+        raise TypeError(f"paths must be a sequence of training files, got the single path {paths!r}")
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"training data file {path} does not exist")
+        yield from iter_raw_records(str(path))
 
 
 def check_parallel(**columns: Sequence) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,9 +31,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..data.records import RecordError, iter_raw_records
+from ..data.records import RecordError
 from ..model.encoder import ProteinEncoder, esm2_alphabet
-from .benchmarks import BenchmarkItem, ItemError, check_parallel, option_text, prediction_record, read_sft_record
+from .benchmarks import (
+    BenchmarkItem, ItemError, check_parallel, iter_training_records, option_text, prediction_record, read_sft_record,
+)
 
 PROBE_C = 1.0
 """Inverse L2 strength of the logistic regression (scikit-learn's default)."""
@@ -64,23 +65,18 @@ class LabelledProteins:
 
 def load_labelled_proteins(paths: Sequence[str]) -> LabelledProteins:
     """Every flat SFT record with a protein in the training files (as the sequence-grounded items read them)."""
-    if isinstance(paths, (str, Path)):
-        raise TypeError(f"paths must be a sequence of training files, got the single path {paths!r}")
     residues, types, labels, skipped = [], [], [], 0
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"training data file {path} does not exist")
-        for record_id, raw in iter_raw_records(str(path)):
-            try:
-                if isinstance(raw, RecordError):
-                    raise raw
-                record = read_sft_record(raw, record_id)
-            except (RecordError, ItemError):
-                skipped += 1
-                continue
-            residues.append(record.proteins[0])
-            types.append(record.subset)
-            labels.append(record.output)
+    for record_id, raw in iter_training_records(paths):
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            record = read_sft_record(raw, record_id)
+        except (RecordError, ItemError):
+            skipped += 1
+            continue
+        residues.append(record.proteins[0])
+        types.append(record.subset)
+        labels.append(record.output)
     if not residues:
         raise ValueError(f"no labelled proteins in the training files {list(paths)} ({skipped} records skipped)")
     return LabelledProteins(tuple(residues), tuple(types), tuple(labels), skipped)

@@ -39,14 +39,13 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from Bio.Align import PairwiseAligner, substitution_matrices
 from Bio.Align.substitution_matrices import Array
 
-from ..data.records import RecordError, iter_raw_records, parse_record
-from .benchmarks import BenchmarkItem, check_parallel, option_text, prediction_record
+from ..data.records import RecordError, parse_record
+from .benchmarks import BenchmarkItem, check_parallel, iter_training_records, option_text, prediction_record
 
 DEFAULT_CANDIDATES = 50
 PROBABILITY_TEMPERATURE = 0.05
@@ -87,32 +86,27 @@ def load_training_proteins(paths: Sequence[str]) -> TrainingSet:
     A record's descriptions are its assistant turns as `" ".join(text.split())`, as the sequence-grounded
     items write their options; every protein of the record gets them. Unreadable records are counted.
     """
-    if isinstance(paths, (str, Path)):
-        raise TypeError(f"paths must be a sequence of training files, got the single path {paths!r}")
     where: dict[str, int] = {}
     residues: list[str] = []
     descriptions: list[set[str]] = []
     record_ids: list[str] = []
     unreadable = 0
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"training data file {path} does not exist")
-        for record_id, raw in iter_raw_records(str(path)):
-            try:
-                if isinstance(raw, RecordError):
-                    raise raw
-                conversation = parse_record(raw, record_id)
-            except RecordError:
-                unreadable += 1
-                continue
-            outputs = {" ".join(turn.content.split()) for turn in conversation.turns if turn.role == "assistant"}
-            for protein in conversation.proteins:
-                if protein not in where:
-                    where[protein] = len(residues)
-                    residues.append(protein)
-                    descriptions.append(set())
-                    record_ids.append(record_id)
-                descriptions[where[protein]] |= outputs
+    for record_id, raw in iter_training_records(paths):
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            conversation = parse_record(raw, record_id)
+        except RecordError:
+            unreadable += 1
+            continue
+        outputs = {" ".join(turn.content.split()) for turn in conversation.turns if turn.role == "assistant"}
+        for protein in conversation.proteins:
+            if protein not in where:
+                where[protein] = len(residues)
+                residues.append(protein)
+                descriptions.append(set())
+                record_ids.append(record_id)
+            descriptions[where[protein]] |= outputs
     if not residues:
         raise ValueError(f"no proteins in the training files {list(paths)} ({unreadable} unreadable records)")
     return TrainingSet(tuple(residues), tuple(frozenset(d) for d in descriptions), tuple(record_ids), unreadable)

@@ -1,15 +1,13 @@
-"""eval.py end to end (subprocess, tiny saved models) and every eval config composed into an EvalConfig."""
+"""eval.py end to end (forked processes, tiny saved models) and every eval config composed into an EvalConfig."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from script_runs import ForkedRun, forked_script, run_script
 
 from protein_llava.builders import build_tiny
 from protein_llava.evaluation.config import (
@@ -21,11 +19,10 @@ CONFIG_DIR = ROOT / "configs" / "eval"
 ARM_KEYS = {"accuracy", "ci95", "n_scored", "n_flagged", "mcnemar_p"}
 
 
-def run_eval(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "eval.py"), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+def run_eval(*overrides: str, logs: Path, cwd: Path = ROOT) -> ForkedRun:
+    """`python eval.py OVERRIDES`, forked from a preloaded process (tests/script_runs.py); test_eval_end_to_end
+    runs the literal command."""
+    return forked_script(ROOT / "eval.py", overrides, logs, cwd=cwd)
 
 
 def compose_config(*overrides: str) -> EvalConfig:
@@ -81,10 +78,10 @@ def test_eval_end_to_end(tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(items))
     out = tmp_path / "out"
-    result = run_eval(
+    result = run_script(ROOT / "eval.py", [  # a new interpreter, as a user runs it
         "benchmark=proteinlmbench", f"benchmark.path={bench}", f"model={tmp_path / 'multimodal'}",
         f"baseline={tmp_path / 'text'}", "mode=loglik", "limit=5", f"out={out}", "bootstrap_samples=100",
-    )
+    ])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["arms"]) == {"model", "baseline"}
@@ -100,7 +97,7 @@ def test_eval_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_missing_model_is_one_clear_error(tmp_path):
     # Run where the demo checkpoints do not exist: the default model path is named, nothing heavy loads.
-    result = run_eval(cwd=tmp_path)
+    result = run_eval(cwd=tmp_path, logs=tmp_path / "logs")
     assert result.returncode == 1
     assert f"eval.py: model folder {DEMO_MODEL} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -116,7 +113,8 @@ def demo_benchmark(folder: Path) -> list[str]:
 @pytest.mark.slow
 def test_eval_sequence_grounded_prints_the_probe_beside_its_ablation(tmp_path, tiny_folder):
     data = demo_benchmark(tmp_path / "demo")
-    result = run_eval(*data, f"model={tiny_folder}", "baseline=null", "limit=8", f"out={tmp_path / 'out'}", "bootstrap_samples=50")
+    result = run_eval(*data, f"model={tiny_folder}", "baseline=null", "limit=8", f"out={tmp_path / 'out'}", "bootstrap_samples=50",
+                      logs=tmp_path / "logs")
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(json.loads((tmp_path / "out" / "report.json").read_text())["arms"]) == {
         f"{arm}{suffix}" for arm in ("model", "retrieval", "probe") for suffix in ("", "_ablated")
@@ -127,7 +125,8 @@ def test_eval_sequence_grounded_prints_the_probe_beside_its_ablation(tmp_path, t
 @pytest.mark.slow
 def test_probe_with_a_text_only_model_is_one_clear_error(tmp_path):
     # A text-only model has no encoder for the probe: one line naming the key, before anything loads.
-    text_only = run_eval(*demo_benchmark(tmp_path / "demo"), "model=smollm2", "baseline=null", f"out={tmp_path / 'text'}")
+    text_only = run_eval(*demo_benchmark(tmp_path / "demo"), "model=smollm2", "baseline=null", f"out={tmp_path / 'text'}",
+                         logs=tmp_path / "logs")
     assert text_only.returncode == 1 and "Traceback" not in text_only.stderr
     assert "eval.py: benchmark.probe=true fits its classifiers on the model's own protein encoder" in text_only.stderr
     assert not (tmp_path / "text").exists()

@@ -3,6 +3,7 @@ inline proteins: its option log-likelihoods equal a direct forward of the model,
 text-only items they equal lm-eval's own `hf` backend on the same weights, also where the model's next token
 after an option is a stop token (the server must still return that generated token)."""
 
+import copy
 import dataclasses
 import json
 
@@ -138,13 +139,18 @@ def assert_same_scores(served: dict, local: dict, benchmark) -> None:
 
 
 def next_tokens(loaded, prompt: str, options: int) -> list[int]:
-    """The greedy token after prompt + " n" for each option n, tokenized as lm-eval sends it."""
+    """The greedy token after prompt + " n" for each option n, tokenized as lm-eval sends it. The options'
+    common token prefix runs once; each option's own tokens run on a copy of its cache."""
     tokenizer = loaded.processor.tokenizer
+    rows = [tokenizer(prompt + f" {number}", add_special_tokens=False)["input_ids"] for number in range(1, options + 1)]
+    shared = min(len(row) for row in rows) - 1
+    shared = next((i for i in range(shared) if len({row[i] for row in rows}) > 1), shared)
     result = []
-    for number in range(1, options + 1):
-        ids = torch.tensor([tokenizer(prompt + f" {number}", add_special_tokens=False)["input_ids"]])
-        with torch.inference_mode():
-            result.append(int(loaded.model(input_ids=ids).logits[0, -1].argmax()))
+    with torch.inference_mode():
+        prefix = loaded.model(input_ids=torch.tensor([rows[0][:shared]]), use_cache=True).cache
+        for row in rows:
+            own = loaded.model(input_ids=torch.tensor([row[shared:]]), cache=copy.deepcopy(prefix), use_cache=True)
+            result.append(int(own.logits[0, -1].argmax()))
     return result
 
 

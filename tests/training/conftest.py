@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tiny_runs import TWO_STAGE_OVERRIDES
+from script_runs import TWO_STAGE_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,12 +1,10 @@
 """Non-finite steps, atomic checkpoint writes, and the resumable sampler."""
 
-import subprocess
-import sys
-import textwrap
-
 import lightning as L
 import pytest
 import torch
+from fault_injection import die_halfway_through_a_save
+from script_runs import forked_call
 
 from protein_llava import build_tiny
 from protein_llava.data.tokenize import ConversationTokenizer
@@ -50,20 +48,7 @@ def test_checkpoint_io_refuses_nonfinite_weights(tmp_path):
 def test_a_crash_during_a_save_leaves_the_previous_file(tmp_path):
     target = tmp_path / "last.ckpt"
     atomic_write(target, lambda tmp: torch.save({"step": 1}, tmp))
-    crash = textwrap.dedent(
-        f"""
-        import os, signal
-        from protein_llava.training.checkpointing import atomic_write
-        def half_then_die(tmp):
-            with open(tmp, "wb") as f:
-                f.write(b"partial checkpoint bytes")
-                f.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-        atomic_write({str(target)!r}, half_then_die)
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", crash], capture_output=True, timeout=120)
-    assert result.returncode == -9
+    assert forked_call(die_halfway_through_a_save, str(target)) == -9  # SIGKILLed inside atomic_write
     assert torch.load(target, weights_only=True) == {"step": 1}
 
 

@@ -4,22 +4,18 @@ that loads in one process."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_runs import forked_train
 from torch.distributed.checkpoint import FileSystemReader
 
 from protein_llava import ProteinLLM
 from protein_llava.training.config import compose_train_config
 from protein_llava.training.run import train
 from protein_llava.training.run_folder import RunFolder
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Four optimizer steps of stage 2 (projector + LoRA) on the tiny preset in float32: a global batch of 4 samples,
 # one process with 4 or two with 2 each. The sampler hands rank r every second batch of the same shuffled
@@ -33,15 +29,6 @@ FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "data.ba
 # Float32 sums in another order (each rank reduces its half, then the gradients are averaged across ranks).
 LOSS_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-6)
-
-
-def launch(overrides, check=True, timeout=300):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, "hydra/job_logging=none", "hydra/hydra_logging=none"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def step_losses(run: Path) -> list[float]:
@@ -74,10 +61,13 @@ def diagnostic_rows(run: Path) -> dict[str, list[float]]:
 
 CASES = {
     # Stage 1's residue alignment runs before fitting, the same on every rank: a few steps of it do here.
-    "ddp-stage2-lora": ("ddp", ["stage=2"]),
-    "fsdp-stage1": ("fsdp", ["stage=1", "stage1.align_steps=20"]),
-    "fsdp-stage2-lora": ("fsdp", ["stage=2"]),
-    "fsdp-stage2-full": ("fsdp", ["stage=2", "stage2.llm=full"]),
+    # "torchrun": two ranks forked from a preloaded process with torchrun's variables (tests/script_runs.py);
+    # "lightning": `train.py trainer.devices=2` in one forked process, where Lightning starts the second rank
+    # itself, as `python train.py ...` in a new interpreter (its launcher for a user's plain command).
+    "ddp-stage2-lora": ("ddp", ["stage=2"], "torchrun"),
+    "fsdp-stage1": ("fsdp", ["stage=1", "stage1.align_steps=20"], "torchrun"),
+    "fsdp-stage2-lora": ("fsdp", ["stage=2"], "lightning"),
+    "fsdp-stage2-full": ("fsdp", ["stage=2", "stage2.llm=full"], "torchrun"),
 }
 
 
@@ -89,15 +79,19 @@ def test_two_processes_train_as_one_process(case, two_stage_run, tmp_path):
 
     Under FSDP with LoRA the interface diagnostics run every 2 steps: they gather the root unit's shards and
     sum the gradient slices over the ranks, and must read what one process reads."""
-    engine, stage = CASES[case]
+    engine, stage, launcher = CASES[case]
     projector = two_stage_run / "tiny-stage1" / "projector.safetensors"
     common = [*COMMON[1:], *stage, f"stage2.projector={projector}", f"checkpoints_dir={tmp_path}", f"data.demo_dir={two_stage_run / 'demo-data'}"]
     if case == "fsdp-stage2-lora":
         common = [*common, "diagnostics.every=2", "diagnostics.num_records=8"]
     one = train(compose_train_config([*common, "data.batch_size=4", f"out={tmp_path / 'one'}"]))
-    engine_overrides = FSDP if engine == "fsdp" else ["trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=2"]
-    result = launch([*common, *engine_overrides, f"out={tmp_path / engine}"])
-    assert "Starting with 2 processes" in result.stdout + result.stderr
+    engine_overrides = FSDP if engine == "fsdp" else ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
+    overrides = [*common, *engine_overrides, f"out={tmp_path / engine}"]
+    ranks = forked_train(overrides, tmp_path / "logs", world_size=2 if launcher == "torchrun" else 1)
+    # Under Lightning's launcher the second rank writes to the first one's output, which it inherits.
+    for rank in (0, 1):
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in ranks.output
+    assert "Starting with 2 processes" in ranks.output
     assert one.nonfinite_skipped_steps == 0 == json.loads((tmp_path / engine / "summary.json").read_text())["nonfinite_skipped_steps"]
     single, parallel = step_losses(tmp_path / "one"), step_losses(tmp_path / engine)
     assert len(single) == len(parallel) == STEPS
@@ -119,13 +113,13 @@ def test_fsdp_checkpoints_are_sharded_and_a_killed_run_resumes_exactly(two_stage
     projector = two_stage_run / "tiny-stage1" / "projector.safetensors"
     common = [*COMMON, "stage2.encoder=lora", "stage2.lora.dropout=0.1", "diagnostics.every=2", "diagnostics.num_records=8",
               f"stage2.projector={projector}", f"checkpoints_dir={tmp_path}", f"data.demo_dir={two_stage_run / 'demo-data'}"]
-    launch([*common, *FSDP, f"out={tmp_path / 'fsdp'}"])
-    killed = launch([*common, *FSDP, f"out={tmp_path / 'killed'}",
-                     "callbacks=[{_target_: fault_injection.KillAfterCheckpoint, step: 3}]"], check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILLed after step 3, step 2's checkpoint on disk
+    forked_train([*common, *FSDP, f"out={tmp_path / 'fsdp'}"], tmp_path / "logs-straight", world_size=2)
+    killed = forked_train([*common, *FSDP, f"out={tmp_path / 'killed'}", "callbacks=[{_target_: fault_injection.KillAfterCheckpoint, step: 3}]"],
+                          tmp_path / "logs-killed", world_size=2, check=False)
+    assert killed.exitcodes == [-9, -9], killed.output[-2000:]  # each rank SIGKILLed after step 3, step 2's checkpoint on disk
     start = tmp_path / "start.txt"
-    launch([*common, *FSDP, f"out={tmp_path / 'killed'}", "resume=auto",
-            f"callbacks=[{{_target_: fault_injection.RecordStartStep, path: '{start}'}}]"])
+    forked_train([*common, *FSDP, f"out={tmp_path / 'killed'}", "resume=auto", f"callbacks=[{{_target_: fault_injection.RecordStartStep, path: '{start}'}}]"],
+                 tmp_path / "logs-resumed", world_size=2)
     assert start.read_text() == "2"  # resumed from step 2's sharded checkpoint, not started over
 
     # Really sharded: in the checkpoint, every trainable tensor is stored as two halves, one written per rank.

@@ -1,17 +1,15 @@
-"""Whole training runs on the tiny preset: the literal commands, resume, DDP, and what each stage trains."""
+"""Whole training runs on the tiny preset: the literal commands (the shared run, tests/training/conftest.py), kill -9 then
+resume, and what each stage trains (data parallel: test_sharding.py)."""
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_runs import TWO_STAGE_OVERRIDES
+from script_runs import TWO_STAGE_OVERRIDES, forked_train
 
 from protein_llava import ProteinLLM, ProteinLLMProcessor, build_tiny
 from protein_llava.training.config import LoraSettings, compose_train_config
@@ -20,17 +18,7 @@ from protein_llava.training.run import train
 from protein_llava.training.run_folder import RunFolder
 from protein_llava.training.stage import ESM2_LORA_TARGETS, StageSpec, apply_stage_spec, stage2_spec
 
-ROOT = Path(__file__).resolve().parents[2]
 compose_train = compose_train_config
-
-
-def run_script(args, cwd=ROOT, timeout=300, check=True):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "hydra/job_logging=none", "hydra/hydra_logging=none"],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.slow
@@ -80,7 +68,7 @@ def test_stage2_trains_projector_and_lora_then_exports_merged(two_stage_run):
 @pytest.mark.slow
 def test_stage2_encoder_lora_trains_adapters_and_exports_a_plain_esm2(two_stage_run, tmp_path):
     stage1 = ProteinLLM.from_pretrained(two_stage_run / "tiny-stage1" / "export")
-    overrides = ["model=tiny", "trainer.max_steps=4", f"checkpoints_dir={two_stage_run}", "checkpoint_every=100",
+    overrides = ["model=tiny", "trainer.max_steps=4", "data.limit=64", f"checkpoints_dir={two_stage_run}", "checkpoint_every=100",
                  "stage=2", "stage2.encoder=lora", f"out={tmp_path / 'run'}"]
     summary = train(compose_train(overrides))
     assert summary.steps == 4
@@ -157,7 +145,8 @@ def test_stage2_refuses_a_missing_or_mismatched_projector(two_stage_run, tmp_pat
 
 
 def test_text_only_arm_exports_a_plain_decoder(tmp_path):
-    cfg = compose_train(["stage=2", "model=text-only", "model.preset=tiny", "trainer.max_steps=2", f"out={tmp_path}", f"checkpoints_dir={tmp_path}"])
+    cfg = compose_train(["stage=2", "model=text-only", "model.preset=tiny", "trainer.max_steps=2", "data.limit=64", f"out={tmp_path}",
+                         f"checkpoints_dir={tmp_path}"])
     summary = train(cfg)
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["model_type"] == "llama" and summary.steps == 2
@@ -170,7 +159,7 @@ def test_text_only_stage1_is_rejected_with_a_clear_message():
 
 @pytest.mark.slow
 def test_unknown_key_is_named_before_anything_loads(tmp_path):
-    result = run_script(["stage=1", "model=tiny", "trainer.max_stepz=3", f"out={tmp_path}"], check=False)
+    result = forked_train(["stage=1", "model=tiny", "trainer.max_stepz=3", f"out={tmp_path}"], tmp_path / "logs", check=False)
     assert result.returncode != 0 and "max_stepz" in result.stderr
     assert not (tmp_path / "summary.json").exists()
 
@@ -186,12 +175,13 @@ def _trained_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 def _killed_and_resumed(overrides, out: Path, kill_after: int, resumed_from: int) -> None:
     """`train.py OVERRIDES` SIGKILLed after step `kill_after`, then `resume=auto`; checks it resumed."""
-    killed = run_script([*overrides, f"out={out}", f"callbacks=[{{_target_: fault_injection.KillAfterCheckpoint, step: {kill_after}}}]"],
-                        check=False)
-    assert killed.returncode == -9  # SIGKILL
+    killed = forked_train([*overrides, f"out={out}", f"callbacks=[{{_target_: fault_injection.KillAfterCheckpoint, step: {kill_after}}}]"],
+                          out.parent / f"{out.name}-logs-killed", check=False)
+    assert killed.returncode == -9, killed.output[-2000:]  # SIGKILL
     assert not (out / "projector.safetensors").exists()
     start = out.parent / f"{out.name}-start.txt"
-    run_script([*overrides, f"out={out}", "resume=auto", f"callbacks=[{{_target_: fault_injection.RecordStartStep, path: '{start}'}}]"])
+    forked_train([*overrides, f"out={out}", "resume=auto", f"callbacks=[{{_target_: fault_injection.RecordStartStep, path: '{start}'}}]"],
+                 out.parent / f"{out.name}-logs-resumed")
     assert start.read_text() == str(resumed_from)  # resumed from that checkpoint, not started over
 
 
@@ -222,7 +212,7 @@ def test_killed_qlora_run_resumes_to_the_same_weights(two_stage_run, tmp_path):
                  "diagnostics.every=0", "data.limit=64", f"data.demo_dir={two_stage_run / 'demo-data'}",
                  f"stage2.projector={two_stage_run / 'tiny-stage1' / 'projector.safetensors'}",
                  f"checkpoints_dir={tmp_path}"]
-    run_script([*overrides, f"out={tmp_path / 'straight'}"])
+    forked_train([*overrides, f"out={tmp_path / 'straight'}"], tmp_path / "logs-straight")
     _killed_and_resumed(overrides, tmp_path / "killed", kill_after=3, resumed_from=2)
     _assert_same_training(tmp_path / "straight", tmp_path / "killed", stage=2)
 
@@ -238,7 +228,8 @@ def test_killed_qlora_run_resumes_to_the_same_weights(two_stage_run, tmp_path):
 )
 def test_performance_options_train(overrides, tmp_path):
     cfg = compose_train(
-        ["stage=1", "model=tiny", "trainer.max_steps=3", f"out={tmp_path / 'run'}", f"checkpoints_dir={tmp_path}", *overrides]
+        ["stage=1", "model=tiny", "trainer.max_steps=3", "data.limit=64", "stage1.align_steps=20", f"out={tmp_path / 'run'}",
+         f"checkpoints_dir={tmp_path}", *overrides]
     )
     summary = train(cfg)
     assert summary.steps == 3 and summary.nonfinite_skipped_steps == 0

@@ -423,20 +423,16 @@ def _one_greedy_token(loaded, job: Job, logits: torch.Tensor, prompt_logprobs) -
 
 
 def _prompt_logprobs(loaded, jobs: list[Job]) -> tuple[list[list[TokenLogprobs | None] | None], list[torch.Tensor]]:
-    """Every prompt token's log-probability given the tokens before it, by one right-padded forward;
-    also each prompt's logits for the next (first new) token."""
-    input_ids, attention_mask, protein_input_ids = _pad(loaded, jobs, side="right")
-    logits = loaded.model(
-        input_ids=input_ids, attention_mask=attention_mask, protein_input_ids=protein_input_ids, use_cache=False
-    ).logits  # (batch, length, vocab)
+    """Every prompt token's log-probability given the tokens before it; also each prompt's logits for the
+    next (first new) token."""
     result, next_logits = [], []
-    for row, job in enumerate(jobs):
-        next_logits.append(logits[row, job.prompt.num_tokens - 1])
+    for job, logits in zip(jobs, _prompt_logits(loaded, jobs)):
+        next_logits.append(logits[-1])
         if not job.echo_logprobs:
             result.append(None)
             continue
         ids = job.prompt.input_ids
-        row_logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)  # predicts ids[1:]
+        row_logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # predicts ids[1:]
         top = job.logprobs or 0
         placeholder = loaded.processor.protein_token_id
         # A placeholder position holds a protein feature, not a token: it has no log-probability.
@@ -445,6 +441,102 @@ def _prompt_logprobs(loaded, jobs: list[Job]) -> tuple[list[list[TokenLogprobs |
             + [None if ids[i + 1] == placeholder else _token_logprobs(row_logprobs[i], ids[i + 1], top) for i in range(len(ids) - 1)]
         )
     return result, next_logits
+
+
+# Prompts that share fewer leading tokens than this run in the batch's plain forward: a group's own prefix
+# pass and cache copy cost about what so short a prefix saves.
+MIN_SHARED_PROMPT_PREFIX = 16
+
+
+def _prompt_logits(loaded, jobs: list[Job]) -> list[torch.Tensor]:
+    """Each job's logits at every prompt position, (num_tokens, vocab).
+
+    lm-eval scores a multiple-choice item as one request per option: the same context, a few tokens of
+    continuation each. Prompts that share a long token prefix therefore run that prefix once and only their
+    own tokens on top of its cache (each row's logits equal a full forward's up to float round-off); the
+    rest run in one right-padded forward.
+    """
+    logits: list[torch.Tensor | None] = [None] * len(jobs)
+    groups = _shared_prefix_groups(jobs, loaded.processor.protein_token_id)
+    unshared = [row for shared, rows in groups if shared == 0 for row in rows]
+    if unshared:
+        input_ids, attention_mask, protein_input_ids = _pad(loaded, [jobs[row] for row in unshared], side="right")
+        out = loaded.model(input_ids=input_ids, attention_mask=attention_mask, protein_input_ids=protein_input_ids, use_cache=False).logits
+        for index, row in enumerate(unshared):
+            logits[row] = out[index, : jobs[row].prompt.num_tokens]
+    for shared, rows in groups:
+        if shared == 0:
+            continue
+        group = [jobs[row] for row in rows]
+        prefix = torch.tensor([group[0].prompt.input_ids[:shared]], device=loaded.device)
+        head = loaded.model(input_ids=prefix, use_cache=True)
+        cache = head.cache
+        cache.batch_repeat_interleave(len(rows))
+        # Every placeholder lies after the prefix (see _shared_prefix_groups), so the rows' proteins all
+        # belong to their own tokens.
+        suffixes = [_suffix_job(job, shared) for job in group]
+        input_ids, suffix_mask, protein_input_ids = _pad(loaded, suffixes, side="right")
+        attention_mask = torch.cat([torch.ones(len(rows), shared, dtype=suffix_mask.dtype, device=suffix_mask.device), suffix_mask], dim=1)
+        tail = loaded.model(
+            input_ids=input_ids, attention_mask=attention_mask, protein_input_ids=protein_input_ids, cache=cache, use_cache=True
+        ).logits
+        for index, (row, job) in enumerate(zip(rows, group)):
+            logits[row] = torch.cat([head.logits[0], tail[index, : job.prompt.num_tokens - shared]], dim=0)
+    return logits
+
+
+def _suffix_job(job: Job, shared: int) -> Job:
+    """The job with only its prompt's tokens after the first `shared` (for padding; proteins kept)."""
+    return Job(PreparedPrompt(job.prompt.input_ids[shared:], job.prompt.proteins), job.max_new_tokens)
+
+
+def _shared_prefix_groups(jobs: list[Job], placeholder: int) -> list[tuple[int, list[int]]]:
+    """(shared prefix length, row indices) per group of prompts that run a common token prefix once; rows in
+    no group come as one group with length 0.
+
+    Sorted, prompts with a common prefix are neighbours, and a run of neighbours shares the smallest common
+    prefix of its adjacent pairs. The runs are chosen to run the fewest tokens (a shortest-path over the
+    sorted rows: a run costs its prefix once plus every row's own tokens), so the options of one item group
+    on their whole context rather than all items on the instruction they share. A prefix is at least
+    MIN_SHARED_PROMPT_PREFIX tokens, stops before the first protein placeholder and leaves each prompt at
+    least one token of its own.
+    """
+
+    def own_limit(ids: list[int]) -> int:
+        return min(len(ids) - 1, ids.index(placeholder) if placeholder in ids else len(ids))
+
+    order = sorted(range(len(jobs)), key=lambda row: jobs[row].prompt.input_ids)
+    ids = [jobs[row].prompt.input_ids for row in order]
+    # adjacent[i]: the prefix rows i - 1 and i of the sorted order could share.
+    adjacent = [0] + [
+        min(next((k for k, (a, b) in enumerate(zip(ids[i - 1], ids[i])) if a != b), min(len(ids[i - 1]), len(ids[i]))),
+            own_limit(ids[i - 1]), own_limit(ids[i]))
+        for i in range(1, len(ids))
+    ]
+    # cost[j], choice[j]: the fewest tokens to run the first j sorted rows, and where the last run starts.
+    cost, choice = [0], [(0, 0)]
+    for end in range(1, len(ids) + 1):
+        best, best_choice = cost[end - 1] + len(ids[end - 1]), (end - 1, 0)  # the last row on its own
+        shared, own_tokens = math.inf, len(ids[end - 1])
+        for start in range(end - 2, -1, -1):  # the run ids[start:end], two rows or more
+            shared = min(shared, adjacent[start + 1])
+            if shared < MIN_SHARED_PROMPT_PREFIX:
+                break
+            own_tokens += len(ids[start])
+            run = cost[start] + shared + own_tokens - (end - start) * shared
+            if run < best:
+                best, best_choice = run, (start, shared)
+        cost.append(best)
+        choice.append(best_choice)
+    groups, unshared, end = [], [], len(ids)
+    while end > 0:
+        start, shared = choice[end]
+        if shared:
+            groups.append((shared, sorted(order[start:end])))
+        else:
+            unshared.append(order[start])
+        end = start
+    return [(0, sorted(unshared))] + groups if unshared else groups
 
 
 def _pad(loaded, jobs: list[Job], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
