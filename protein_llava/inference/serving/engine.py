@@ -320,7 +320,8 @@ class _RowStreamer(BaseStreamer):
 
 @torch.inference_mode()
 def run_batch(loaded, jobs: list[Job]) -> list[Completion]:
-    """One batch of jobs that share sampling settings: echo logprobs by one forward, then `generate`."""
+    """One batch of jobs that share sampling settings: echo logprobs by one forward (a context that prompts share
+    run once), then `generate`."""
     processor, model, device = loaded.processor, loaded.model, loaded.device
     longest_new = max(job.max_new_tokens for job in jobs)
     if not any(job.echo_logprobs for job in jobs):
