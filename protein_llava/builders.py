@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from .cache import cache_root
 from .model.configuration import ProteinEncoderConfig, ProteinLLMConfig, load_preset
 from .model.modeling import ProteinLLM
 from .model.processing import ProteinLLMProcessor
@@ -48,11 +49,8 @@ def smollm2_gguf_dir() -> Path:
 
 
 def smollm2_cache_dir() -> Path:
-    """Where the de-quantised SmolLM2 folder is kept: $PROTEIN_LLAVA_CACHE, else $XDG_CACHE_HOME/protein_llava,
-    else ~/.cache/protein_llava."""
-    if os.environ.get("PROTEIN_LLAVA_CACHE"):
-        return Path(os.environ["PROTEIN_LLAVA_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "protein_llava"
+    """Where the de-quantised SmolLM2 folder is kept: the package's cache (`protein_llava.cache.cache_root`)."""
+    return cache_root()
 
 
 def _load_smollm2_gguf(gguf_folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
@@ -121,7 +119,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache: bool = True) -> tupl
 
 
 def load_encoder_weights(model: ProteinLLM, source: str) -> None:
-    """Load ESM-2 weights (a fair-esm name, a fair-esm `.pt` file or an HF `facebook/esm2_*` folder)."""
+    """Load ESM-2 weights into the encoder: a fair-esm name, a fair-esm `.pt` file, or an HF folder of an
+    `EsmModel`, `EsmForMaskedLM` or classification fine-tune (its task head dropped, a missing masked-LM head
+    allowed: the encoder stops before it)."""
     from .convert.esm_weights import load_esm2_weights, load_state_dict_into_esm2
 
     architecture, state_dict = load_esm2_weights(source)
@@ -133,7 +133,7 @@ def load_encoder_weights(model: ProteinLLM, source: str) -> None:
             f"encoder weights {source!r} have (layers, width, heads, token_dropout) = {found} "
             f"but the config asks for {wanted}"
         )
-    load_state_dict_into_esm2(model.protein_encoder.esm, state_dict)
+    load_state_dict_into_esm2(model.protein_encoder.esm, state_dict, mlm_head_optional=True)
     expected.weights = str(source)
 
 

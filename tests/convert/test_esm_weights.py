@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pickle
 from pathlib import Path
 
 import esm
 import pytest
 import torch
-from transformers import EsmConfig, EsmForMaskedLM
+from transformers import EsmConfig, EsmForMaskedLM, EsmForSequenceClassification, EsmForTokenClassification, EsmModel
 
+from protein_llava.builders import build_tiny, load_encoder_weights
 from protein_llava.convert.esm_weights import (
     FAIR_ESM2_PRETRAINED,
     ESM2Architecture,
@@ -213,6 +215,63 @@ def test_fair_esm_checkpoint_round_trip(fair_model, tokens, tmp_path, with_regre
     assert torch.equal(actual["logits"], expected["logits"])
     regression = loaded.contact_head.regression.weight
     assert torch.equal(regression, fair_model.contact_head.regression.weight) == with_regression
+
+
+# Every layout a user's ESM checkpoint comes in, and how much of it the encoder keeps.
+ESM_LAYOUTS = {
+    "EsmModel": EsmModel,
+    "EsmForMaskedLM": EsmForMaskedLM,
+    "EsmForSequenceClassification": EsmForSequenceClassification,
+    "EsmForTokenClassification": EsmForTokenClassification,
+    "fair-esm .pt": EsmForMaskedLM,  # written in fair-esm's own file format from the converted weights
+}
+
+
+@pytest.mark.parametrize("layout", list(ESM_LAYOUTS))
+def test_every_esm_layout_loads_as_the_encoder(layout, tokens, tmp_path, caplog):
+    """A checkpoint written in each layout becomes the ProteinLLM's encoder (`load_encoder_weights`, as
+    `model.encoder_weights=PATH` loads it): its representations equal transformers' EsmModel on the same
+    weights. Classification heads are dropped with one log line naming them; a missing masked-LM head is
+    logged and left as initialised."""
+    torch.manual_seed(0)
+    hf = randomize_(ESM_LAYOUTS[layout](tiny_hf_config(num_labels=3)), seed=5)
+    reference = hf if isinstance(hf, EsmModel) else hf.esm  # transformers' EsmModel on these weights
+    if layout == "fair-esm .pt":
+        arch, fair_names = hf_esm_state_dict_to_fair_esm(hf.state_dict(), hf.config)
+        fair = build_esm2(arch)
+        load_state_dict_into_esm2(fair, fair_names)
+        source = tmp_path / "esm2_tiny.pt"
+        write_fair_esm_checkpoint(source, fair, arch, with_regression=False)
+    else:
+        source = tmp_path / layout
+        hf.save_pretrained(source)
+
+    model, _ = build_tiny(seed=0)
+    with caplog.at_level(logging.INFO, logger="protein_llava.convert.esm_weights"):
+        load_encoder_weights(model, str(source))
+    head_lines = [r.getMessage() for r in caplog.records if "task head" in r.getMessage()]
+    mlm_lines = [r.getMessage() for r in caplog.records if "no masked-LM head" in r.getMessage()]
+    classifier = "Classification" in layout
+    assert len(head_lines) == int(classifier)
+    if classifier:
+        assert all(key in head_lines[0] for key in hf.state_dict() if key.startswith("classifier."))
+    assert len(mlm_lines) == int(layout in ("EsmModel", "EsmForSequenceClassification", "EsmForTokenClassification"))
+
+    encoder = model.protein_encoder.eval()
+    with torch.no_grad():
+        features, mask = encoder(tokens)
+        hidden = reference(tokens, attention_mask=residues(tokens).long(), output_hidden_states=True)
+    layer = encoder.repr_layer
+    expected = hidden.last_hidden_state if layer == TINY.num_layers else hidden.hidden_states[layer]
+    expected = expected[:, 1 : 1 + features.shape[1]]
+    torch.testing.assert_close(features[mask], expected[mask], atol=ATOL, rtol=0)
+
+
+def test_part_of_a_masked_lm_head_is_refused_even_for_an_encoder(hf_model):
+    _, converted = hf_esm_state_dict_to_fair_esm(hf_model.state_dict(), hf_model.config)
+    del converted["lm_head.dense.weight"]
+    with pytest.raises(ValueError, match="lm_head.dense.weight"):
+        load_state_dict_into_esm2(build_esm2(TINY), converted, mlm_head_optional=True)
 
 
 class _RunsCodeWhenUnpickled:
