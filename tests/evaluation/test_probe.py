@@ -20,6 +20,7 @@ from protein_llava.evaluation.probe import (
     LinearProbe,
     load_labelled_proteins,
     pooled_features,
+    pooled_features_by_layer,
     probe_predictions,
 )
 from protein_llava.evaluation.report import accuracy_by_type
@@ -130,3 +131,13 @@ def test_features_are_the_mean_over_residues_only():
             assert not np.allclose(features[row], every_position.mean(0).numpy(), atol=1e-3)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         pooled_features(encoder, proteins, batch_size=0)
+
+
+def test_every_layer_from_one_pass_equals_each_layer_read_alone():
+    encoder = tiny_encoder()
+    proteins = ["MKTAYIAKQRQISFVKSHFSRQ", "GSG", "MKTAYIAK"]
+    by_layer = pooled_features_by_layer(encoder, proteins, [0, 1, 2], batch_size=2)
+    for layer in (0, 1, 2):
+        encoder.repr_layer = layer
+        assert np.array_equal(by_layer[layer], pooled_features(encoder, proteins, batch_size=2)), layer
+    assert not np.allclose(by_layer[1], by_layer[2])

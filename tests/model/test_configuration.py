@@ -145,6 +145,19 @@ def test_repr_layer_resolution():
     assert ProteinEncoderConfig(num_layers=6, repr_layer=3).resolved_repr_layer == 3
 
 
+def test_a_run_picks_the_encoder_layer_the_projector_reads(tmp_path):
+    """`model.encoder_repr_layer=N` reaches the built encoder (and its saved config); out of range is refused."""
+    from protein_llava.training.config import compose_train_config
+    from protein_llava.training.plan import resolve_plan
+    from protein_llava.training.run import build_model
+
+    plan = resolve_plan(compose_train_config(["stage=1", "model=tiny", "model.encoder_repr_layer=1", f"checkpoints_dir={tmp_path}"]))
+    model, _, _ = build_model(plan)
+    assert model.protein_encoder.repr_layer == 1 == model.config.encoder_config.repr_layer
+    with pytest.raises(ValueError, match="encoder_config.repr_layer must be in"):
+        build_preset("tiny", encoder_repr_layer=3)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
