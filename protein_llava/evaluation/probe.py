@@ -116,10 +116,9 @@ def pooled_features_by_layer(
                 ids = [alphabet.cls_idx, *(alphabet.tok_to_idx[r] for r in residues), alphabet.eos_idx]
                 tokens[row, : len(ids)] = torch.tensor(ids)
             by_layer, mask = encoder.layer_representations(tokens.to(device), list(layers))  # each (n, longest, D)
-            weights = mask.unsqueeze(-1)
+            weights = mask.to(by_layer[layers[0]].dtype).unsqueeze(-1)
             for layer, features in by_layer.items():
-                weights_of = weights.to(features.dtype)
-                means = (features * weights_of).sum(1) / weights_of.sum(1)  # (n, D)
+                means = (features * weights).sum(1) / weights.sum(1)  # (n, D)
                 out[layer][rows] = means.float().cpu().numpy()
     finally:
         encoder.train(was_training)
