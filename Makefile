@@ -33,7 +33,7 @@ experiment: venv
 
 # Two pytest-xdist workers with one torch thread each: most tests are small models, Python and subprocess
 # start-up, which two threads in one process barely speed up; worksteal evens out the long tests' tail.
-# 2 cores, 2026-12-07: 567-580 tests in 191-200 s of tests from fresh clones (script runs forked from a preloaded fork server: tests/script_runs.py;
+# 2 cores, 2026-12-07: 567-580 tests in 178-200 s of tests from fresh clones (script runs forked from a preloaded fork server: tests/script_runs.py;
 # before, every script in a new interpreter: 565 tests in 295-319 s).
 test: venv browser
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal tests
