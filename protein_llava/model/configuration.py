@@ -26,7 +26,7 @@ PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 # ProjectorConfig's own fields: what `with_projector` (and the training config's `model.projector.*`) may set.
 PROJECTOR_FIELDS = (
     "projector_type", "token_reduction", "pool_stride", "num_latents", "resampler_heads", "summary_token",
-    "output_norm", "output_scale",
+    "summary_standardize", "output_norm", "output_scale",
 )
 TOKEN_REDUCTIONS = ("none", "mean_pool", "resampler", "mean")
 OUTPUT_NORMS = ("none", "rms")
@@ -101,6 +101,12 @@ class ProjectorConfig(PreTrainedConfig):
         summary_token: put one extra token first in each protein's run: the projection of the mean of its
             residue features (what a linear probe on pooled features reads: composition, charge, length).
             Without it the decoder must pool dozens of soft tokens by attention to answer a global question.
+        summary_standardize: standardise the mean feature per dimension before the summary projection, with
+            the training proteins' mean and standard deviation (buffers `summary_center`, `summary_scale`,
+            fitted before stage 1 by `training.alignment.fit_summary_statistics`; what a linear probe's
+            StandardScaler does). Raw mean features share one large direction (norm ~13 against ~3 of
+            spread for ESM-2 8M's layer 3 on SCL2205), so unstandardised summary tokens of different proteins
+            start, and stay, nearly parallel (cosine 0.97 after SCL2205 training). Needs `summary_token`.
         output_norm: "none", or "rms": RMS-normalise every protein token and scale it by a learned gain, so
             protein tokens keep the norm of the decoder's own token embeddings. Unbounded, they grow far
             past it (norm ~36 against ~3 for SmolLM2's text tokens after stage 1 at lr 1e-3), and tokens
@@ -118,6 +124,7 @@ class ProjectorConfig(PreTrainedConfig):
     num_latents: int = 32
     resampler_heads: int = 4
     summary_token: bool = False
+    summary_standardize: bool = False
     output_norm: Literal["none", "rms"] = "none"
     output_scale: float | None = None
 
@@ -133,6 +140,8 @@ class ProjectorConfig(PreTrainedConfig):
             raise ValueError(
                 f"unknown token_reduction {self.token_reduction!r}; choose one of {TOKEN_REDUCTIONS}"
             )
+        if self.summary_standardize and not self.summary_token:
+            raise ValueError("projector_config.summary_standardize needs summary_token=True: it standardises the summary token's input")
         for name in ("pool_stride", "num_latents", "resampler_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"projector_config.{name} must be >= 1, got {getattr(self, name)}")

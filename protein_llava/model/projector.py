@@ -70,8 +70,8 @@ def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class ProteinProjector(nn.Module):
     """Token reduction (none / mean_pool / resampler) followed by the projection to the decoder's width.
 
-    Optionally a summary token first (the projection of the protein's mean feature, by its own projection)
-    and an RMS norm with a learned gain on every output token (see `ProjectorConfig`).
+    Optionally a summary token first (the projection of the protein's mean feature, by its own projection,
+    optionally standardised with the training proteins' statistics) and an RMS norm with a learned gain on every output token (see `ProjectorConfig`).
     """
 
     def __init__(self, config: ProjectorConfig, encoder_dim: int, text_dim: int):
@@ -86,12 +86,19 @@ class ProteinProjector(nn.Module):
         self.summary_projection = (
             build_projection(config.projector_type, encoder_dim, text_dim) if config.summary_token else None
         )
+        if config.summary_standardize:
+            # Fitted from the training proteins before stage 1 (`training.alignment.fit_summary_statistics`);
+            # saved with the projector's weights. Identity until then.
+            self.register_buffer("summary_center", torch.zeros(encoder_dim))
+            self.register_buffer("summary_scale", torch.ones(encoder_dim))
         # eps far below the pre-norm scale: std-0.02 initial weights give tokens of RMS ~1e-3.
         self.output_norm = nn.RMSNorm(text_dim, eps=1e-10) if config.output_norm == "rms" else None
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, T, D_enc) residue features and mask → (N, T', D_text) protein tokens and their mask."""
         summary = masked_mean(features, mask) if self.summary_projection is not None else None  # (N, D_enc)
+        if summary is not None and self.config.summary_standardize:
+            summary = (summary - self.summary_center.to(summary.dtype)) / self.summary_scale.to(summary.dtype)
         reduction = self.config.token_reduction
         if reduction == "mean_pool":
             features, mask = strided_mean_pool(features, mask, self.config.pool_stride)

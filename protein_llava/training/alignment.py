@@ -9,7 +9,9 @@ projector is fitted, with no decoder in the loop, to map each residue's features
 of that residue's letter token (for `mean_pool`, the mean over each window). The protein span then starts as
 a soft transcription of the sequence, which the decoder can read from step 0, carrying the encoder's
 context besides; stages 1 and 2 train on from there. The summary token, if any, is not aligned: it is the
-protein's mean feature, and what it should say is left to training.
+protein's mean feature, and what it should say is left to training. With `summary_standardize` its input is
+centred and scaled per dimension by the training proteins' statistics (`fit_summary_statistics`), so that
+different proteins' summary tokens start apart rather than along the features' shared mean direction.
 
 Cheap: the encoder runs once over the training proteins (frozen), then `steps` Adam steps of the projector
 alone on minibatches of their features.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.modeling import ProteinLLM
-from ..model.projector import strided_mean_pool
+from ..model.projector import masked_mean, strided_mean_pool
 from ..sequences import RESIDUES
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,32 @@ def _targets(proteins: Sequence[str], table: dict[str, torch.Tensor], width: int
     return targets, mask
 
 
+@dataclass(frozen=True)
+class EncodedProteins:
+    """The frozen encoder's residue features of a set of proteins, in chunks of `batch_size` (sorted order):
+    one encoder pass shared by the summary statistics and the residue alignment."""
+
+    chunks: tuple[tuple[tuple[str, ...], torch.Tensor, torch.Tensor], ...]
+    """(proteins, features (n, T, D), mask (n, T)) per chunk."""
+
+    @property
+    def proteins(self) -> tuple[str, ...]:
+        return tuple(p for chunk, _, _ in self.chunks for p in chunk)
+
+
+@torch.no_grad()
+def encode_proteins_frozen(model: ProteinLLM, processor, proteins: Sequence[str], batch_size: int = 32) -> EncodedProteins:
+    """Run the encoder once over the distinct `proteins` (sorted), `batch_size` at a time, without gradients."""
+    proteins = sorted(set(proteins))
+    device = next(model.protein_encoder.parameters()).device
+    chunks = []
+    for start in range(0, len(proteins), batch_size):
+        chunk = tuple(proteins[start : start + batch_size])
+        features, mask = model.protein_encoder(processor.encode_proteins(list(chunk)).to(device))
+        chunks.append((chunk, features, mask))
+    return EncodedProteins(tuple(chunks))
+
+
 def align_projector_to_residues(
     model: ProteinLLM,
     processor,
@@ -82,11 +110,13 @@ def align_projector_to_residues(
     lr: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
+    encoded: EncodedProteins | None = None,
 ) -> AlignmentResult:
     """Fit `model.projector` so each residue token ≈ the decoder's embedding of that residue's letter.
 
-    The encoder is frozen and run once; only the projector changes. Needs `token_reduction` none or
-    mean_pool (a resampler's or a mean's tokens stand for no residue in particular).
+    The encoder is frozen and run once (or `encoded` is reused: it must hold exactly the distinct `proteins`;
+    its chunks are the minibatches); only the projector changes. Needs `token_reduction` none or mean_pool (a resampler's or a
+    mean's tokens stand for no residue in particular).
     """
     config = model.config.projector_config
     if config.token_reduction not in ("none", "mean_pool"):
@@ -100,17 +130,17 @@ def align_projector_to_residues(
     if not proteins:
         raise ValueError("residue alignment needs training proteins; the data holds none")
     table = residue_token_embeddings(model, processor.tokenizer)
-    encoder_device = next(model.protein_encoder.parameters()).device
     projector = model.projector
     projector_dtype = next(projector.parameters()).dtype
-    # Encoder features once: (features, mask, targets, target mask) per chunk of proteins.
+    if encoded is None:
+        encoded = encode_proteins_frozen(model, processor, proteins, batch_size)
+    elif encoded.proteins != tuple(proteins):
+        raise ValueError("residue alignment: `encoded` holds other proteins than the ones to align")
+    # (features, mask, targets, target mask) per chunk of proteins.
     chunks = []
-    with torch.no_grad():
-        for start in range(0, len(proteins), batch_size):
-            chunk = proteins[start : start + batch_size]
-            features, mask = model.protein_encoder(processor.encode_proteins(chunk).to(encoder_device))
-            targets, target_mask = _targets(chunk, table, features.shape[1], config)
-            chunks.append((features.to(projector_dtype), mask, targets.to(features.device, projector_dtype), target_mask.to(features.device)))
+    for chunk, features, mask in encoded.chunks:
+        targets, target_mask = _targets(chunk, table, features.shape[1], config)
+        chunks.append((features.to(projector_dtype), mask, targets.to(features.device, projector_dtype), target_mask.to(features.device)))
 
     def measure() -> tuple[float, float]:
         squared, cosine, count = 0.0, 0.0, 0
@@ -147,4 +177,43 @@ def align_projector_to_residues(
     return result
 
 
-__all__ = ["AlignmentResult", "align_projector_to_residues", "residue_token_embeddings"]
+@torch.no_grad()
+def fit_summary_statistics(
+    model: ProteinLLM, processor, proteins: Sequence[str], batch_size: int = 32, encoded: EncodedProteins | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the projector's `summary_center` / `summary_scale` to the per-dimension mean and standard deviation
+    of the distinct `proteins`' mean features (the frozen encoder runs once, or `encoded` is reused: it must
+    hold every one of `proteins`, and may hold more). A dimension that does not vary keeps scale 1, as
+    scikit-learn's StandardScaler does. Returns (center, scale)."""
+    projector = model.projector
+    if not model.config.projector_config.summary_standardize:
+        raise ValueError("fit_summary_statistics: the projector has no summary statistics (summary_standardize=False)")
+    wanted = set(proteins)
+    if len(wanted) < 2:
+        raise ValueError(f"summary statistics need at least 2 distinct training proteins, got {len(wanted)}")
+    if encoded is None:
+        encoded = encode_proteins_frozen(model, processor, sorted(wanted), batch_size)
+    elif not wanted <= set(encoded.proteins):
+        raise ValueError(f"summary statistics: {len(wanted - set(encoded.proteins))} of the proteins are not in `encoded`")
+    means = []
+    for chunk, features, mask in encoded.chunks:
+        rows = [row for row, protein in enumerate(chunk) if protein in wanted]
+        # float64: the spread of features around a large shared mean
+        means.append(masked_mean(features[rows].double(), mask[rows]))
+    means = torch.cat(means)  # (P, D)
+    center = means.mean(0)
+    std = means.std(0, unbiased=False)
+    scale = torch.where(std > 1e-6 * center.abs().clamp(min=1.0), std, torch.ones_like(std))
+    projector.summary_center.copy_(center)
+    projector.summary_scale.copy_(scale)
+    log.info(
+        "summary statistics from %d proteins: mean feature norm %.3g, per-dimension std %.3g to %.3g",
+        len(wanted), float(center.norm()), float(std.min()), float(std.max()),
+    )
+    return projector.summary_center.clone(), projector.summary_scale.clone()
+
+
+__all__ = [
+    "AlignmentResult", "EncodedProteins", "align_projector_to_residues", "encode_proteins_frozen", "fit_summary_statistics",
+    "residue_token_embeddings",
+]

@@ -51,6 +51,9 @@ class ProjectorOverrides:
     resampler_heads: int | None = None
     summary_token: bool | None = None
     """An extra first token per protein: the projection of its mean feature."""
+    summary_standardize: bool | None = None
+    """Standardise the summary token's input with the training proteins' per-dimension mean and std (fitted
+    before stage 1)."""
     output_norm: str | None = None
     """none, or rms: RMS-normalised tokens with a learned gain."""
     output_scale: float | None = None

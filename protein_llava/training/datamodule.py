@@ -114,6 +114,10 @@ class SFTDataModule(L.LightningDataModule):
         if self.val_path and self.val_dataset is None:
             self.val_dataset = ExampleDataset(self._examples(self.val_path, self.val_report))
 
+    def training_proteins(self) -> set[str]:
+        """Every protein of the training examples (not the validation ones)."""
+        return {p for example in self.train_dataset.examples for p in example.proteins}
+
     def proteins(self) -> set[str]:
         """Every protein of the training and validation examples (to fill a representation cache)."""
         datasets = [d for d in (self.train_dataset, self.val_dataset) if d is not None]

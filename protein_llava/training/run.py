@@ -33,7 +33,7 @@ from .datamodule import SFTDataModule
 from .export import export_run
 from .launch import resolve_launch
 from .plan import TrainPlan, resolve_plan
-from .alignment import align_projector_to_residues
+from .alignment import align_projector_to_residues, encode_proteins_frozen, fit_summary_statistics
 from .diagnostics import InterfaceDiagnostics
 from .plots import plot_diagnostics, plot_loss_curve
 from .stage import StageModule, apply_stage_spec
@@ -251,12 +251,20 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
     )
     if config.encoder_cache.enabled:
         attach_representation_cache(config, model, datamodule)
-    if config.stage == 1 and config.stage1.align_steps and plan.resume_from is None:
+    standardize = model.config.projector_config.summary_standardize
+    if config.stage == 1 and plan.resume_from is None and (standardize or config.stage1.align_steps):
+        # The projector's warm starts, before stage 1 proper; one frozen-encoder pass serves both, and each
+        # logs its own fit. A resumed run has them in its checkpoint.
         datamodule.setup("fit")
-        # It logs its own before/after fit.
-        align_projector_to_residues(
-            model, processor, sorted(datamodule.proteins()), config.stage1.align_steps, lr=config.stage1.align_lr, seed=config.seed
-        )
+        encoded = encode_proteins_frozen(model, processor, datamodule.proteins())
+        if standardize:
+            fit_summary_statistics(model, processor, datamodule.training_proteins(), encoded=encoded)
+        if config.stage1.align_steps:
+            align_projector_to_residues(
+                model, processor, datamodule.proteins(), config.stage1.align_steps, lr=config.stage1.align_lr,
+                seed=config.seed, encoded=encoded,
+            )
+        del encoded
     diagnostics = build_diagnostics(config, conversation_tokenizer, pad_id, processor)
     callbacks = [*callbacks, diagnostics] if diagnostics is not None else list(callbacks)
     with quiet_lightning():

@@ -108,3 +108,30 @@ def test_output_norm_and_scale_are_validated():
         ProjectorConfig(output_norm="layer")
     with pytest.raises(StrictDataclassClassValidationError, match="output_scale must be > 0"):
         ProjectorConfig(output_norm="rms", output_scale=0.0)
+
+
+def test_standardised_summary_is_the_projection_of_the_standardised_mean():
+    torch.manual_seed(0)
+    config = ProjectorConfig(token_reduction="mean_pool", pool_stride=2, summary_token=True, summary_standardize=True)
+    projector = ProteinProjector(config, encoder_dim=8, text_dim=6).eval()
+    features = torch.randn(2, 5, 8) + 10.0
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    # Identity until fitted: the same tokens as the plain summary.
+    plain = ProteinProjector(ProjectorConfig(token_reduction="mean_pool", pool_stride=2, summary_token=True), 8, 6).eval()
+    plain.load_state_dict({k: v for k, v in projector.state_dict().items() if not k.startswith("summary_c") and not k.startswith("summary_s")})
+    torch.testing.assert_close(projector(features, mask)[0], plain(features, mask)[0])
+    center, scale = torch.randn(8) + 10.0, torch.rand(8) + 0.5
+    projector.summary_center.copy_(center)
+    projector.summary_scale.copy_(scale)
+    tokens, _ = projector(features, mask)
+    for row, length in enumerate((5, 3)):
+        expected = projector.summary_projection((features[row, :length].mean(0) - center) / scale)
+        torch.testing.assert_close(tokens[row, 0], expected)
+    # The residue tokens do not see the statistics.
+    torch.testing.assert_close(tokens[:, 1:], plain(features, mask)[0][:, 1:])
+    assert set(projector.state_dict()) - set(plain.state_dict()) == {"summary_center", "summary_scale"}
+
+
+def test_summary_standardize_needs_a_summary_token():
+    with pytest.raises(StrictDataclassClassValidationError, match="summary_standardize needs summary_token=True"):
+        ProjectorConfig(summary_standardize=True)

@@ -237,6 +237,26 @@ def test_performance_options_train(overrides, tmp_path):
         assert list((tmp_path / "encoder-cache").glob("*/shard-*.safetensors"))
 
 
+def test_stage1_fits_the_summary_statistics_on_the_training_proteins(tmp_path):
+    from protein_llava.evaluation.probe import load_labelled_proteins, pooled_features
+
+    cfg = compose_train(
+        ["stage=1", "model=tiny", "trainer.max_steps=1", "data.limit=24", "stage1.align_steps=0", "diagnostics.every=0",
+         "model.projector.summary_token=true", "model.projector.summary_standardize=true", f"checkpoints_dir={tmp_path}",
+         f"out={tmp_path / 'run'}"]
+    )
+    train(cfg)
+    exported = ProteinLLM.from_pretrained(tmp_path / "run" / "export")
+    # The first 24 demo records (four per protein): the proteins the run trained on, and no held-out one.
+    lines = (tmp_path / "demo-data" / "train.jsonl").read_text().splitlines()[:24]
+    path = tmp_path / "first24.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    proteins = sorted(set(load_labelled_proteins([str(path)]).residues))
+    means = torch.from_numpy(pooled_features(exported.protein_encoder, proteins))
+    torch.testing.assert_close(exported.projector.summary_center, means.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(exported.projector.summary_scale, means.std(0, unbiased=False), atol=1e-5, rtol=1e-4)
+
+
 def test_corrupted_records_are_skipped_counted_and_the_rest_trains(tmp_path, caplog):
     good = {"instruction": "Describe.", "input": "<seq> M K T A Y I A K </seq>", "output": "A kinase."}
     lines = []
