@@ -251,7 +251,8 @@ def train(cfg: DictConfig | TrainConfig | TrainPlan, callbacks: Sequence[L.Callb
     )
     if config.encoder_cache.enabled:
         attach_representation_cache(config, model, datamodule)
-    standardize = model.config.projector_config.summary_standardize
+    # Stage 1 only: a text-only model (stage 2) has no projector.
+    standardize = config.stage == 1 and model.config.projector_config.summary_standardize
     if config.stage == 1 and plan.resume_from is None and (standardize or config.stage1.align_steps):
         # The projector's warm starts, before stage 1 proper; one frozen-encoder pass serves both, and each
         # logs its own fit. A resumed run has them in its checkpoint.
