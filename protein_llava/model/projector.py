@@ -71,7 +71,8 @@ class ProteinProjector(nn.Module):
     """Token reduction (none / mean_pool / resampler) followed by the projection to the decoder's width.
 
     Optionally a summary token first (the projection of the protein's mean feature, by its own projection,
-    optionally standardised with the training proteins' statistics) and an RMS norm with a learned gain on every output token (see `ProjectorConfig`).
+    optionally standardised with the training proteins' statistics) and an RMS norm with a learned gain on
+    every output token (see `ProjectorConfig`).
     """
 
     def __init__(self, config: ProjectorConfig, encoder_dim: int, text_dim: int):

@@ -115,8 +115,8 @@ def align_projector_to_residues(
     """Fit `model.projector` so each residue token ≈ the decoder's embedding of that residue's letter.
 
     The encoder is frozen and run once (or `encoded` is reused: it must hold exactly the distinct `proteins`;
-    its chunks are the minibatches); only the projector changes. Needs `token_reduction` none or mean_pool (a resampler's or a
-    mean's tokens stand for no residue in particular).
+    its chunks are the minibatches); only the projector changes. Needs `token_reduction` none or mean_pool
+    (a resampler's or a mean's tokens stand for no residue in particular).
     """
     config = model.config.projector_config
     if config.token_reduction not in ("none", "mean_pool"):
